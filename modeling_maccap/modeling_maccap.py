@@ -1,0 +1,402 @@
+"""MacCap: CLIP -> projector (learned queries, aligner, MLP) -> causal LM, trained on captions alone.
+
+Training embeds a caption with CLIP's text tower, injects Gaussian noise (the modality gap), and teaches the
+projector to turn k noisy copies into a prefix from which the frozen LM reconstructs the caption. Inference
+replaces the text embedding by k image subregion features, draws several noisy candidates per image, decodes
+them in one batched LM call and keeps the one CLIP finds closest to the image (reranking).
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, CLIPModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_maccap import MacCapConfig
+from .pipeline_maccap import MacCapImageToTextPipeline
+from .processing_maccap import MacCapProcessor
+
+
+@dataclass
+class MacCapCausalLMOutput(ModelOutput):
+    """
+    loss: cross-entropy over caption tokens (prefix, BOS and padding excluded), when `labels` are given.
+    logits: (batch, text_len, vocab): logits[:, t] predicts text token t + 1, as in any causal LM.
+    prefix_embeds: (batch, num_queries, lm_hidden): the projector's output fed to the LM before the text.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    prefix_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class MacCapSubregionOutput(ModelOutput):
+    """
+    subregion_features: (batch, k, joint_dim): f_i = g + patch_weight * m_i, not re-normalised.
+    image_embeds: (batch, joint_dim): g, the L2-normalised projected CLS token.
+    token_embeds: (batch, tokens, joint_dim): P, every final token after post-layernorm and projection, normalised.
+    attentions: (batch, tokens, tokens): A, the last layer's attention probabilities averaged over heads.
+    """
+
+    subregion_features: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    token_embeds: torch.FloatTensor | None = None
+    attentions: torch.FloatTensor | None = None
+
+
+@dataclass
+class MacCapGenerateOutput(ModelOutput):
+    """
+    sequences: (batch, prompt_len + new): the kept caption per image, prompt ids first (decoder-only convention).
+    candidates: (batch, num_candidates, prompt_len + new): every decoded candidate.
+    candidate_scores: (batch, num_candidates): CLIP cosine of each candidate with its image (None without reranking).
+    """
+
+    sequences: torch.LongTensor | None = None
+    candidates: torch.LongTensor | None = None
+    candidate_scores: torch.FloatTensor | None = None
+
+
+def sample_noise(shape, variance, generators=None, device=None):
+    """Zero-mean Gaussian noise of the given variance (float32). With `generators`, one per leading row, each row
+    is drawn on the CPU from its own generator, so a row's noise does not depend on the rest of the batch."""
+    std = variance**0.5
+    if generators is None:
+        return torch.randn(shape, device=device) * std
+    rows = [torch.randn(shape[1:], generator=g) for g in generators]
+    return (torch.stack(rows) * std).to(device)
+
+
+def noise_injection(features, noise):
+    """The paper's noise injection: add the noise, then project back onto the unit sphere."""
+    return F.normalize(features.float() + noise, dim=-1)
+
+
+def image_seed(pixel_values, noise_seed):
+    """A seed derived from one image's pixels and a base seed: equal images get equal noise in any batch."""
+    data = pixel_values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    digest = hashlib.blake2b(data, digest_size=8, key=str(noise_seed).encode()).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class MacCapAlignerLayer(nn.Module):
+    """One DETR-style decoder layer, post-norm: query self-attention, cross-attention to the k features, FFN."""
+
+    def __init__(self, dim, heads, ffn_dim, dropout):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries, features):
+        x = self.norm1(queries + self.dropout(self.self_attn(queries, queries, queries, need_weights=False)[0]))
+        # No positional encoding on the keys: the k features are a set.
+        x = self.norm2(x + self.dropout(self.cross_attn(x, features, features, need_weights=False)[0]))
+        return self.norm3(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+class MacCapProjector(nn.Module):
+    """Learned queries cross-attend to k noisy CLIP features (the aligner), then a 3-layer MLP maps each query
+    to the LM's embedding width: (batch, k, joint_dim) -> (batch, num_queries, lm_hidden)."""
+
+    def __init__(self, config):
+        super().__init__()
+        dim, lm_hidden = config.projector_dim, config.text_config.hidden_size
+        self.queries = nn.Embedding(config.num_queries, dim)
+        self.layers = nn.ModuleList(
+            MacCapAlignerLayer(dim, config.aligner_heads, config.aligner_ffn_dim, config.aligner_dropout)
+            for _ in range(config.aligner_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.ModuleList([nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, lm_hidden)])
+
+    def forward(self, features):
+        x = self.queries.weight.unsqueeze(0).expand(features.shape[0], -1, -1)
+        features = features.to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, features)
+        x = self.norm(x)
+        for i, linear in enumerate(self.mlp):
+            x = linear(x) if i == len(self.mlp) - 1 else F.relu(linear(x))
+        return x
+
+
+class MacCapPreTrainedModel(PreTrainedModel):
+    config: MacCapConfig
+    config_class = MacCapConfig
+    base_model_prefix = "maccap"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MacCapProjector"]
+    _supports_sdpa = True
+
+
+class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
+    """MacCap captioner. `forward` is the text-only training objective (or image-conditioned teacher forcing);
+    `generate` captions images with subregion aggregation, noise injection and CLIP reranking.
+
+    The CLIP and LM tokenizers are needed to rerank (candidates are re-tokenised for CLIP): they come from an
+    attached `MacCapProcessor` (`model.processor`, set by `from_pretrained_components` and by `from_pretrained`
+    when the folder has processor files) or from `generate(..., processor=...)`.
+    """
+
+    def __init__(self, config, clip=None, language_model=None):
+        super().__init__(config)
+        self.clip = clip if clip is not None else CLIPModel._from_config(config.clip_config)
+        self.projector = MacCapProjector(config)
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        self.processor = None
+        self.post_init()
+        # The reference decoding: beam search with 4 beams, 16 new tokens (generation_config.json overrides).
+        gc = self.generation_config
+        gc.num_beams, gc.max_new_tokens = 4, 16
+        if gc.pad_token_id is None:
+            gc.pad_token_id = gc.eos_token_id
+
+    # ----------------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_pretrained_components(cls, clip, lm, freeze_clip=True, freeze_lm=True, dtype=None, **config_kwargs):
+        """Assemble an untrained MacCap from a CLIP checkpoint and a causal-LM checkpoint (hub ids or folders).
+        `config_kwargs` set any `MacCapConfig` field. CLIP and the LM are frozen unless told otherwise."""
+        clip_model = CLIPModel.from_pretrained(clip, dtype=dtype)
+        lm_model = AutoModelForCausalLM.from_pretrained(lm, dtype=dtype)
+        for sub in (clip_model.config, clip_model.config.text_config, clip_model.config.vision_config,
+                    lm_model.config):
+            sub._name_or_path = ""  # don't leak local paths of the components into config.json
+        config = MacCapConfig(clip_config=clip_model.config, text_config=lm_model.config, **config_kwargs)
+        model = cls(config, clip=clip_model, language_model=lm_model)
+        if dtype is not None:
+            model.projector.to(dtype)
+        model.clip.requires_grad_(not freeze_clip)
+        model.language_model.requires_grad_(not freeze_lm)
+        model.processor = MacCapProcessor.from_pretrained_components(clip=clip, lm=lm)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then attach the processor saved beside the weights, if any."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+                      if k in kwargs}
+        try:
+            model.processor = MacCapProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError, TypeError):
+            model.processor = None  # weights only: pass processor= to generate() to rerank
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Extra auto classes and the pipeline entry make the saved folder usable as remote code
+        # (AutoModelForImageTextToText, pipeline("image-to-text", trust_remote_code=True)).
+        module = type(self).__module__.split(".")[-1]
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModelForImageTextToText"] = f"{module}.{type(self).__name__}"
+        self.config.auto_map = auto_map
+        pipe_module = MacCapImageToTextPipeline.__module__.split(".")[-1]
+        self.config.custom_pipelines = {
+            "image-to-text": {
+                "impl": f"{pipe_module}.{MacCapImageToTextPipeline.__name__}",
+                "pt": ["AutoModelForImageTextToText"],
+                "type": "multimodal",
+            }
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    # --------------------------------------------------------------------------------------- image features
+    def get_subregion_features(self, pixel_values):
+        """Subregion aggregation (method.md, as the reference computes it): the k tokens the CLS attends to most,
+        each replaced by a softmax-weighted mix of all projected tokens, added to the global embedding."""
+        config, vision = self.config, self.clip.vision_model
+        self._check_pixel_values(pixel_values)
+        pixel_values = pixel_values.to(vision.embeddings.patch_embedding.weight.device,
+                                       vision.embeddings.patch_embedding.weight.dtype)
+        last_layer = vision.encoder.layers[-1]
+        captured = {}
+        # The last layer's attention input is caught with a hook and its probabilities recomputed from q and k,
+        # so the tower keeps its fast attention (SDPA/flash) instead of switching every layer to eager.
+        hook = last_layer.layer_norm1.register_forward_hook(lambda mod, inp, out: captured.update(h=out))
+        try:
+            hidden = vision(pixel_values=pixel_values).last_hidden_state
+        finally:
+            hook.remove()
+        attn, h = last_layer.self_attn, captured["h"]
+        batch, tokens, _ = h.shape
+        q = attn.q_proj(h).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+        k = attn.k_proj(h).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+        attentions = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1).mean(1)  # A: (batch, T, T)
+
+        token_embeds = F.normalize(self.clip.visual_projection(vision.post_layernorm(hidden)).float(), dim=-1)
+        image_embeds = token_embeds[:, 0]  # g: the projected CLS is token 0 of P
+        k_sub = config.num_subregions
+        if config.subregion_mode == "cls":
+            features = image_embeds.unsqueeze(1).expand(-1, k_sub, -1)
+        else:
+            if k_sub > tokens:
+                raise ValueError(f"num_subregions={k_sub} exceeds the {tokens} vision tokens of this CLIP")
+            chosen = attentions[:, 0].topk(k_sub, dim=-1).indices  # may include the CLS itself
+            rows = attentions.gather(1, chosen.unsqueeze(-1).expand(-1, -1, tokens))
+            # A softmax over probabilities (the reference's choice): each mix is close to a uniform average.
+            weights = (rows / config.subregion_temperature).softmax(-1)
+            mixed = F.normalize(weights @ token_embeds, dim=-1)
+            features = image_embeds.unsqueeze(1) + config.patch_weight * mixed
+        return MacCapSubregionOutput(subregion_features=features, image_embeds=image_embeds,
+                                     token_embeds=token_embeds, attentions=attentions)
+
+    def get_text_embeds(self, clip_input_ids, clip_attention_mask=None):
+        """L2-normalised CLIP text embeddings (projected EOT feature), float32."""
+        device = self.clip.text_projection.weight.device
+        if clip_attention_mask is not None:
+            clip_attention_mask = clip_attention_mask.to(device)
+        out = self.clip.get_text_features(input_ids=clip_input_ids.to(device), attention_mask=clip_attention_mask)
+        return F.normalize(out.pooler_output.float(), dim=-1)
+
+    def _check_pixel_values(self, pixel_values):
+        size = self.config.clip_config.vision_config.image_size
+        expected = (3, size, size)
+        if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            got = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must have shape (batch, {', '.join(map(str, expected))}), got {got}")
+
+    def _image_generators(self, pixel_values, noise_seed):
+        if noise_seed is None:
+            return None
+        return [torch.Generator().manual_seed(image_seed(p, noise_seed)) for p in pixel_values]
+
+    def _prefix_from_features(self, features, variance, generators=None):
+        noise = sample_noise(features.shape, variance, generators, device=features.device)
+        return self.projector(noise_injection(features, noise).to(self.projector.queries.weight.device))
+
+    # ----------------------------------------------------------------------------------------------- training
+    def forward(self, input_ids=None, attention_mask=None, labels=None, clip_input_ids=None,
+                clip_attention_mask=None, clip_text_embeds=None, pixel_values=None, noise_seed=0, **kwargs):
+        """Text-only training objective. The condition is one of: `clip_input_ids` (CLIP text tower, no grad),
+        `clip_text_embeds` (precomputed CLIP text embeddings, e.g. a cache), or `pixel_values` (subregion features
+        with inference noise seeded per image by `noise_seed`: image-conditioned teacher forcing for evaluation).
+        `input_ids` are the LM tokens [BOS, caption, EOS]; `labels` mark with -100 what is not scored."""
+        if input_ids is None:
+            raise ValueError("forward needs input_ids: the LM tokens of the captions (BOS first)")
+        k = self.config.num_subregions
+        if pixel_values is not None:
+            features = self.get_subregion_features(pixel_values).subregion_features
+            prefix = self._prefix_from_features(features, self.config.inference_noise_variance,
+                                                self._image_generators(pixel_values, noise_seed))
+        else:
+            if clip_text_embeds is None:
+                if clip_input_ids is None:
+                    raise ValueError("forward needs one of clip_input_ids, clip_text_embeds or pixel_values")
+                with torch.no_grad():
+                    clip_text_embeds = self.get_text_embeds(clip_input_ids, clip_attention_mask)
+            text = F.normalize(clip_text_embeds.float(), dim=-1)
+            # Noise is fresh at every step (global RNG): k independent noisy copies of each caption embedding.
+            prefix = self._prefix_from_features(text.unsqueeze(1).expand(-1, k, -1), self.config.train_noise_variance)
+
+        embed = self.get_input_embeddings()
+        input_ids = input_ids.to(embed.weight.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(input_ids.device)
+        prefix = prefix.to(embed.weight.device, embed.weight.dtype)
+        inputs_embeds = torch.cat([prefix, embed(input_ids)], dim=1)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask,
+                                     logits_to_keep=input_ids.shape[1]).logits
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return MacCapCausalLMOutput(loss=loss, logits=logits, prefix_embeds=prefix)
+
+    # --------------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, *, rerank=None,
+                 num_candidates=None, output_candidates=False, noise_seed=0, processor=None, **generate_kwargs):
+        """Caption images. `input_ids` is an optional text prompt after the prefix (BOS first; left-padded with its
+        `attention_mask`); without it the prompt is BOS. With reranking (config.rerank), `num_candidates` noisy
+        draws per image are decoded in one LM call and scored in one CLIP text call; the best is kept.
+        Noise is drawn per image from a generator seeded by `noise_seed` and the image's pixels (None: the global
+        RNG). Returns the kept sequences `[prompt | new]`, or a `MacCapGenerateOutput` when `output_candidates`
+        or `return_dict_in_generate` is set. Other keyword arguments go to the LM's `generate`."""
+        if pixel_values is None:
+            raise ValueError("generate needs pixel_values (use the processor on your images)")
+        config = self.config
+        return_dict = bool(generate_kwargs.pop("return_dict_in_generate", False)) or output_candidates
+        rerank = config.rerank if rerank is None else rerank
+        n = (num_candidates or config.num_candidates) if rerank else 1
+        if rerank and generate_kwargs.get("num_return_sequences", 1) != 1:
+            raise ValueError("num_return_sequences > 1 cannot be combined with reranking; pass rerank=False")
+        processor = processor or self.processor
+        if rerank and processor is None:
+            raise ValueError("reranking needs the tokenizers: pass processor=MacCapProcessor(...), attach one as "
+                             "model.processor, or pass rerank=False")
+
+        sub = self.get_subregion_features(pixel_values)
+        batch = pixel_values.shape[0]
+        embed = self.get_input_embeddings()
+        device = embed.weight.device
+        if input_ids is None:
+            input_ids = torch.full((batch, 1), self.generation_config.bos_token_id, dtype=torch.long)
+            attention_mask = None
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+
+        # One vision pass; every candidate of an image shares its subregion features but gets its own noise.
+        features = sub.subregion_features.repeat_interleave(n, dim=0)
+        generators = self._image_generators(pixel_values, noise_seed)
+        if generators is not None:
+            generators = [g for g in generators for _ in range(n)]
+        prefix = self._prefix_from_features(features, config.inference_noise_variance, generators)
+        prefix = prefix.to(device, embed.weight.dtype)
+        prompt_ids = input_ids.repeat_interleave(n, dim=0)
+        prompt_mask = attention_mask.repeat_interleave(n, dim=0)
+        inputs_embeds = torch.cat([prefix, embed(prompt_ids)], dim=1)
+        mask = torch.cat([prompt_mask.new_ones(prefix.shape[:2]), prompt_mask], dim=1)
+
+        gen_config = self.generation_config
+        new_tokens = self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask,
+                                                  generation_config=gen_config, **generate_kwargs)
+        repeats = new_tokens.shape[0] // prompt_ids.shape[0]  # num_return_sequences without reranking
+        sequences = torch.cat([prompt_ids.repeat_interleave(repeats, dim=0), new_tokens], dim=1)
+        if not rerank:
+            return MacCapGenerateOutput(sequences=sequences) if return_dict else sequences
+
+        scores = self.score_captions(processor.batch_decode(new_tokens, skip_special_tokens=True),
+                                     sub.image_embeds.repeat_interleave(n, dim=0), processor).view(batch, n)
+        candidates = sequences.view(batch, n, -1)
+        best = candidates[torch.arange(batch, device=candidates.device), scores.argmax(-1).to(candidates.device)]
+        if return_dict:
+            return MacCapGenerateOutput(sequences=best, candidates=candidates, candidate_scores=scores)
+        return best
+
+    def score_captions(self, captions, image_embeds, processor=None):
+        """CLIP cosine between each caption and its image embedding, in one CLIP text call at the captions' real
+        length (padded to the longest, not to CLIP's context)."""
+        processor = processor or self.processor
+        tokens = processor.clip_tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+        text = self.get_text_embeds(tokens["input_ids"], tokens["attention_mask"])
+        return (text * image_embeds.to(text.device)).sum(-1)
+
+    def format_vqa_prompts(self, questions):
+        """The zero-shot VQA prompts (config.vqa_prompt) for a list of questions, to pass as the processor's text."""
+        return [self.config.vqa_prompt.format(question=q.strip()) for q in questions]
+
+
+MacCapConfig.register_for_auto_class()
+MacCapForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = ["MacCapForConditionalGeneration", "MacCapPreTrainedModel", "MacCapProjector", "noise_injection",
+           "sample_noise"]

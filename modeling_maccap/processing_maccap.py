@@ -1,0 +1,198 @@
+"""MacCap processor: CLIP image processor, LM tokenizer (primary), CLIP tokenizer; caption cleaning."""
+
+import os
+import re
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.image_utils import PIL  # Pillow, as transformers' image processing imports it
+
+Image = PIL.Image
+
+
+def clean_caption(text):
+    """The reference's output cleaning: keep [a-zA-Z0-9 ,.], collapse spaces and repeated periods."""
+    text = re.sub(r"[^a-zA-Z0-9 ,.]", "", text)
+    text = re.sub(r" +", " ", text)
+    text = re.sub(r"\.+", ".", text)
+    return text.strip()
+
+
+def _describe(image, index):
+    return f"image {index} ({image})" if isinstance(image, (str, os.PathLike)) else f"image {index}"
+
+
+def _to_rgb(image):
+    """Any PIL mode to 8-bit RGB: 16/32-bit and float greyscale are rescaled, transparency is laid on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = image.convert("F")
+        if image.getextrema()[1] > 255:  # 16-bit range
+            image = image.point(lambda v: v / 257.0)
+        image = image.convert("L")  # clamps to [0, 255]
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(image, index=0):
+    """A PIL image, a numpy array (HxW or HxWxC; uint8, uint16, bool or float in [0, 1]) or a file path, as RGB.
+    Anything unreadable raises one ValueError naming the image and what is wrong with it."""
+    name = _describe(image, index)
+    try:
+        if isinstance(image, (str, os.PathLike)):
+            with Image.open(image) as opened:
+                opened.load()  # decode now, so a truncated file fails here and not later
+                return _to_rgb(opened)
+        if type(image).__module__ == "numpy":
+            return _to_rgb(_array_to_pil(torch.as_tensor(image)))
+        if isinstance(image, Image.Image):
+            image.load()
+            return _to_rgb(image)
+    except FileNotFoundError:
+        raise ValueError(f"{name}: no such file") from None
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{name}: not an image file (or a format PIL cannot read)") from None
+    except (OSError, SyntaxError) as err:  # truncated or corrupt data
+        raise ValueError(f"{name}: corrupt or truncated image ({err})") from None
+    raise ValueError(f"{name}: unsupported type {type(image).__name__} (give a PIL image, numpy array or path)")
+
+
+def _array_to_pil(array):
+    """A numpy image (as a tensor view) to PIL; 16-bit and [0, 1] float values are rescaled to 8 bits."""
+    if array.dim() == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dim() not in (2, 3) or (array.dim() == 3 and array.shape[-1] not in (3, 4)) or 0 in array.shape:
+        raise OSError(f"array of shape {tuple(array.shape)} is not an HxW, HxWx3 or HxWx4 image")
+    if array.dtype == torch.bool:
+        array = array.to(torch.uint8) * 255
+    elif array.dtype == torch.uint16:
+        array = (array.to(torch.float32) / 257.0).round().to(torch.uint8)
+    elif array.dtype.is_floating_point:
+        array = array.to(torch.float32)
+        if not torch.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise OSError("float arrays must hold finite values in [0, 1]")
+        array = (array * 255).round().to(torch.uint8)
+    elif array.dtype != torch.uint8:
+        raise OSError(f"unsupported array dtype {array.dtype}")
+    return Image.fromarray(array.contiguous().numpy())
+
+
+def _as_list(items):
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def _check_text(texts, what):
+    checked = []
+    for i, text in enumerate(texts):
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{what} {i} is not valid UTF-8") from None
+        if not isinstance(text, str):
+            raise ValueError(f"{what} {i} must be a string, got {type(text).__name__}")
+        checked.append(text)
+    return checked
+
+
+class MacCapProcessor(ProcessorMixin):
+    r"""
+    Images -> `pixel_values` plus the LM prompt (`input_ids`, left-padded, BOS first) for `generate`.
+    Text alone -> the training batch: LM `input_ids` [BOS, caption, EOS] right-padded with `labels` (-100 on BOS
+    and padding), and the CLIP tokenization `clip_input_ids` / `clip_attention_mask`.
+
+    Args:
+        image_processor: CLIP's image processor (PIL or torchvision backend).
+        tokenizer: the LM's tokenizer (primary: used by `batch_decode`).
+        clip_tokenizer: CLIP's tokenizer.
+        max_caption_length (`int`, defaults to 25): LM tokens kept per training caption (BOS/EOS not counted).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, clip_tokenizer=None, max_caption_length=25, **kwargs):
+        self.max_caption_length = max_caption_length
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; padding is masked anyway
+        super().__init__(image_processor, tokenizer, clip_tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained_components(cls, clip, lm, **kwargs):
+        """Build from a CLIP checkpoint (image processor, tokenizer) and a causal-LM checkpoint (tokenizer)."""
+        return cls(image_processor=AutoImageProcessor.from_pretrained(clip), tokenizer=AutoTokenizer.from_pretrained(lm),
+                   clip_tokenizer=AutoTokenizer.from_pretrained(clip), **kwargs)
+
+    @property
+    def model_input_names(self):
+        return ["pixel_values", "input_ids", "attention_mask"]
+
+    @property
+    def _bos_id(self):
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def __call__(self, images=None, text=None, return_tensors="pt", **kwargs):
+        if images is None and text is None:
+            raise ValueError("give images (to caption) or text (captions to train on)")
+        if images is None:
+            return self._tokenize_captions(_check_text(_as_list(text), "caption"), return_tensors)
+        images = [load_image(image, i) for i, image in enumerate(_as_list(images))]
+        pixel_values = self.image_processor(images, return_tensors="pt", **kwargs)["pixel_values"]
+        prompts = [""] * len(images) if text is None else _check_text(_as_list(text), "prompt")
+        if len(prompts) == 1 and len(images) > 1:
+            prompts = prompts * len(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        ids = [[self._bos_id] + self.tokenizer(p, add_special_tokens=False)["input_ids"] if p else [self._bos_id]
+               for p in prompts]
+        input_ids, attention_mask = self._pad(ids, side="left")
+        return BatchFeature({"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask},
+                            tensor_type=return_tensors)
+
+    def _tokenize_captions(self, captions, return_tensors):
+        for i, caption in enumerate(captions):
+            if not caption.strip():
+                raise ValueError(f"caption {i} is empty")
+        tok = self.tokenizer
+        ids = []
+        for caption in captions:
+            tokens = tok(caption.strip(), add_special_tokens=False)["input_ids"]
+            # EOS only on a caption that fits: a cut caption should not teach the LM to stop mid-sentence.
+            end = [tok.eos_token_id] if len(tokens) <= self.max_caption_length else []
+            ids.append([self._bos_id] + tokens[: self.max_caption_length] + end)
+        input_ids, attention_mask = self._pad(ids, side="right")
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, 0] = -100  # BOS is given, not predicted
+        clip = self.clip_tokenizer([c.strip() for c in captions], padding=True, truncation=True,
+                                   max_length=min(self.clip_tokenizer.model_max_length, 77), return_tensors="pt")
+        return BatchFeature({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                             "clip_input_ids": clip["input_ids"], "clip_attention_mask": clip["attention_mask"]},
+                            tensor_type=return_tensors)
+
+    def _pad(self, ids, side):
+        width = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, span] = 1
+        return input_ids, attention_mask
+
+    def batch_decode(self, sequences, skip_special_tokens=True, **kwargs):
+        """Decode with the LM tokenizer and apply the caption cleaning."""
+        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+        return [clean_caption(text) for text in texts]
+
+    def decode(self, sequence, skip_special_tokens=True, **kwargs):
+        return self.batch_decode([sequence], skip_special_tokens=skip_special_tokens, **kwargs)[0]
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+MacCapProcessor.register_for_auto_class()
+
+__all__ = ["MacCapProcessor", "clean_caption", "load_image"]

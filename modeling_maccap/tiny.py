@@ -1,0 +1,91 @@
+"""Tiny random CLIP and GPT-2 checkpoints with real tokenizers, built offline (no hub access).
+
+They stand in for `openai/clip-vit-base-patch32` and `gpt2` wherever weights cannot be downloaded: the tests,
+`maccap selfcheck`. Same classes and file layout as the real checkpoints, a few thousand parameters.
+"""
+
+from pathlib import Path
+
+import torch
+from tokenizers import pre_tokenizers
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+from transformers.utils.import_utils import is_torchvision_available
+
+# Word pieces merged on top of the byte alphabet, so captions tokenize into a handful of tokens.
+WORDS = ["a", "the", "dog", "cat", "red", "blue", "on", "in", "of", "photo", "man", "grass", "table", "with"]
+
+
+def _byte_alphabet():
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def tiny_lm_tokenizer():
+    """A byte-level BPE GPT-2 tokenizer: <|endoftext|> (id 0), the 256 byte symbols, a few word merges."""
+    vocab = {"<|endoftext|>": 0}
+    vocab.update({c: i + 1 for i, c in enumerate(_byte_alphabet())})
+    merges = []
+    for word in WORDS:  # merge "Ġ" + word letter by letter: Ġd, Ġdo, Ġdog
+        piece = "Ġ"
+        for letter in word:
+            if piece + letter not in vocab:
+                merges.append((piece, letter))
+                vocab[piece + letter] = len(vocab)
+            piece += letter
+    return GPT2Tokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>")
+
+
+def tiny_clip_tokenizer():
+    """A CLIP tokenizer over single characters: <|startoftext|> = 0, <|endoftext|> = 1."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    alphabet = _byte_alphabet()
+    vocab.update({c: len(vocab) + i for i, c in enumerate(alphabet)})
+    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(alphabet)})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_image_processor(backend=None):
+    """CLIP's image processor at 32 px; `backend` "pil" or "torchvision" (default: torchvision if installed)."""
+    from transformers import CLIPImageProcessor, CLIPImageProcessorPil
+
+    backend = backend or ("torchvision" if is_torchvision_available() else "pil")
+    cls = CLIPImageProcessor if backend == "torchvision" else CLIPImageProcessorPil
+    return cls(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def tiny_clip(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        # 32 px / 8 px patches: 16 patches + CLS = 17 vision tokens (>= 10 subregions).
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    return CLIPModel(config)
+
+
+def tiny_lm(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def build_tiny_components(root, seed=0, image_backend=None):
+    """Write `root/clip` (CLIPModel, image processor, tokenizer) and `root/lm` (GPT-2, tokenizer) as
+    `from_pretrained` folders. Returns the two paths."""
+    root = Path(root)
+    clip_dir, lm_dir = root / "clip", root / "lm"
+    clip_tokenizer, lm_tokenizer = tiny_clip_tokenizer(), tiny_lm_tokenizer()
+    tiny_clip(len(clip_tokenizer), seed).save_pretrained(clip_dir)
+    clip_tokenizer.save_pretrained(clip_dir)
+    tiny_image_processor(image_backend).save_pretrained(clip_dir)
+    tiny_lm(len(lm_tokenizer), seed).save_pretrained(lm_dir)
+    lm_tokenizer.save_pretrained(lm_dir)
+    return str(clip_dir), str(lm_dir)
+
+
+# MacCap settings that fit the tiny CLIP (joint dim 16) and keep tests fast.
+TINY_MACCAP = dict(num_queries=4, aligner_heads=4, aligner_ffn_dim=32)

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+extras = {
+    # open_clip / OpenAI-format CLIP weights (torchvision comes with open_clip).
+    "open_clip": ["open_clip_torch>=3.0", "torchvision"],
+    # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) through the reference implementation.
+    "evaluation": ["pycocoevalcap>=1.2"],
+    # torchvision is here so that both CLIP image-processor backends (PIL and torchvision) are tested.
+    "tests": ["pytest>=8", "torchvision", "accelerate>=1.0"],
+}
+extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
+
+setup(
+    name="maccap",
+    version="0.1.0",
+    description="MacCap: zero-shot image captioning trained on text only, as a Hugging Face transformers model.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["modeling_maccap"],
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.23,<6",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "pillow>=10",
+        "numpy>=1.24",
+    ],
+    extras_require=extras,
+    entry_points={"console_scripts": ["maccap=modeling_maccap.cli:main"]},
+)
