@@ -191,7 +191,10 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
                       if k in kwargs}
         try:
-            model.processor = MacCapProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            # trust_remote_code=False: the processor itself is this class; its tokenizers and image processor must
+            # be built-in classes, and no code from the folder runs without the user asking for it.
+            model.processor = MacCapProcessor.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False,
+                                                              **hub_kwargs)
         except (OSError, ValueError, TypeError):
             model.processor = None  # weights only: pass processor= to generate() to rerank
         return model
