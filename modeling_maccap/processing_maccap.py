@@ -5,7 +5,7 @@ import re
 
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
-from transformers.image_utils import PIL  # Pillow, as transformers' image processing imports it
+from transformers.image_utils import PIL  # Pillow (PIL.Image, PIL.ImageOps), as transformers' image code imports it
 
 Image = PIL.Image
 
@@ -23,12 +23,13 @@ def _describe(image, index):
 
 
 def _to_rgb(image):
-    """Any PIL mode to 8-bit RGB: 16/32-bit and float greyscale are rescaled, transparency is laid on white."""
+    """Any PIL mode to 8-bit RGB. 16-bit greyscale is scaled by 1/257 (65535 -> 255); 32-bit integer greyscale
+    too when it exceeds 255; float greyscale in [0, 1] is scaled by 255. Transparency is laid on white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        image = image.convert("F")
-        if image.getextrema()[1] > 255:  # 16-bit range
-            image = image.point(lambda v: v / 257.0)
-        image = image.convert("L")  # clamps to [0, 255]
+        mode, hi = image.mode, image.getextrema()[1]
+        scale = 1 / 257.0 if mode.startswith("I;16") or hi > 255 else 255.0 if mode == "F" and hi <= 1.0 else 1.0
+        # F -> L truncates and clamps to [0, 255]: add 0.5 to round.
+        image = image.convert("F").point(lambda v: v * scale + 0.5).convert("L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -39,19 +40,19 @@ def _to_rgb(image):
 
 
 def load_image(image, index=0):
-    """A PIL image, a numpy array (HxW or HxWxC; uint8, uint16, bool or float in [0, 1]) or a file path, as RGB.
-    Anything unreadable raises one ValueError naming the image and what is wrong with it."""
+    """A PIL image, a numpy array (HxW or HxWxC; uint8, uint16, bool or float in [0, 1]) or a file path, as RGB
+    (EXIF orientation applied). Anything unusable raises one ValueError naming the image and what is wrong."""
     name = _describe(image, index)
+    if type(image).__module__ == "numpy":
+        return _to_rgb(_array_to_pil(image, name))
     try:
         if isinstance(image, (str, os.PathLike)):
             with Image.open(image) as opened:
                 opened.load()  # decode now, so a truncated file fails here and not later
-                return _to_rgb(opened)
-        if type(image).__module__ == "numpy":
-            return _to_rgb(_array_to_pil(torch.as_tensor(image)))
+                return _to_rgb(PIL.ImageOps.exif_transpose(opened))
         if isinstance(image, Image.Image):
             image.load()
-            return _to_rgb(image)
+            return _to_rgb(PIL.ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise ValueError(f"{name}: no such file") from None
     except PIL.UnidentifiedImageError:
@@ -61,12 +62,18 @@ def load_image(image, index=0):
     raise ValueError(f"{name}: unsupported type {type(image).__name__} (give a PIL image, numpy array or path)")
 
 
-def _array_to_pil(array):
-    """A numpy image (as a tensor view) to PIL; 16-bit and [0, 1] float values are rescaled to 8 bits."""
-    if array.dim() == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.dim() not in (2, 3) or (array.dim() == 3 and array.shape[-1] not in (3, 4)) or 0 in array.shape:
-        raise OSError(f"array of shape {tuple(array.shape)} is not an HxW, HxWx3 or HxWx4 image")
+def _array_to_pil(image, name):
+    """A numpy image to PIL (through torch, any strides or byte order); 16-bit and [0, 1] float values are
+    rescaled to 8 bits."""
+    shape = tuple(image.shape)
+    if len(shape) == 3 and shape[-1] == 1:
+        shape = shape[:2]
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[-1] not in (3, 4)) or 0 in shape:
+        raise ValueError(f"{name}: array of shape {tuple(image.shape)} is not an HxW, HxWx3 or HxWx4 image")
+    try:  # native byte order, C-contiguous: what torch and PIL accept
+        array = torch.as_tensor(image.astype(image.dtype.newbyteorder("="), order="C")).reshape(shape)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: unsupported array dtype {image.dtype}") from None
     if array.dtype == torch.bool:
         array = array.to(torch.uint8) * 255
     elif array.dtype == torch.uint16:
@@ -74,11 +81,11 @@ def _array_to_pil(array):
     elif array.dtype.is_floating_point:
         array = array.to(torch.float32)
         if not torch.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise OSError("float arrays must hold finite values in [0, 1]")
+            raise ValueError(f"{name}: float arrays must hold finite values in [0, 1]")
         array = (array * 255).round().to(torch.uint8)
     elif array.dtype != torch.uint8:
-        raise OSError(f"unsupported array dtype {array.dtype}")
-    return Image.fromarray(array.contiguous().numpy())
+        raise ValueError(f"{name}: unsupported array dtype {image.dtype}")
+    return Image.fromarray(array.numpy())
 
 
 def _as_list(items):
