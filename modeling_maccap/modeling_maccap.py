@@ -6,13 +6,14 @@ replaces the text embedding by k image subregion features, draws several noisy c
 them in one batched LM call and keeps the one CLIP finds closest to the image (reranking).
 """
 
+import copy
 import hashlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, CLIPModel, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_maccap import MacCapConfig
@@ -369,9 +370,11 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         inputs_embeds = torch.cat([prefix, embed(prompt_ids)], dim=1)
         mask = torch.cat([prompt_mask.new_ones(prefix.shape[:2]), prompt_mask], dim=1)
 
-        gen_config = self.generation_config
+        # The call's options go into a copy of generation_config (passing both is deprecated in transformers 5).
+        gen_config = copy.deepcopy(self.generation_config)
+        model_kwargs = gen_config.update(**generate_kwargs)
         new_tokens = self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask,
-                                                  generation_config=gen_config, **generate_kwargs)
+                                                  generation_config=gen_config, **model_kwargs)
         repeats = new_tokens.shape[0] // prompt_ids.shape[0]  # num_return_sequences without reranking
         sequences = torch.cat([prompt_ids.repeat_interleave(repeats, dim=0), new_tokens], dim=1)
         if not rerank:

@@ -76,6 +76,42 @@ def test_pixel_values_of_the_wrong_shape_are_rejected(model, shape):
         model.generate(pixel_values=torch.zeros(shape))
 
 
+# ------------------------------------------------------------------------------------------------- projector
+def test_projector_is_a_detr_decoder_then_a_three_layer_mlp(make_model):
+    """The aligner layers equal PyTorch's own post-norm TransformerDecoderLayer (DETR's), then LayerNorm, then
+    Linear-ReLU-Linear-ReLU-Linear; every size follows the config."""
+    model = make_model(num_queries=5, aligner_layers=2, aligner_heads=2, aligner_ffn_dim=24, aligner_dropout=0.3)
+    projector = model.projector.eval()
+    assert projector.queries.weight.shape == (5, 16) and len(projector.layers) == 2
+    references = []
+    for layer in projector.layers:
+        assert layer.self_attn.num_heads == 2 and layer.linear1.out_features == 24 and layer.dropout.p == 0.3
+        ref = torch.nn.TransformerDecoderLayer(16, 2, dim_feedforward=24, dropout=0.3, batch_first=True).eval()
+        state = {k.replace("cross_attn", "multihead_attn"): v for k, v in layer.state_dict().items()}
+        ref.load_state_dict(state)
+        references.append(ref)
+    features = F.normalize(torch.randn(3, 10, 16), dim=-1)
+    with torch.no_grad():
+        x = projector.queries.weight.expand(3, -1, -1)
+        for ref in references:
+            x = ref(x, features)
+        x = projector.norm(x)
+        a, b, c = projector.mlp
+        expected = c(torch.relu(b(torch.relu(a(x)))))
+        torch.testing.assert_close(projector(features), expected, atol=1e-5, rtol=1e-5)
+    assert expected.shape == (3, 5, model.config.text_config.hidden_size)
+
+
+def test_aligner_dropout_is_active_in_training_only(make_model):
+    model = make_model(aligner_dropout=0.5)
+    features = F.normalize(torch.randn(2, 10, 16), dim=-1)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model.projector(features), model.projector(features))
+        model.train()
+        assert not torch.equal(model.projector(features), model.projector(features))
+
+
 # -------------------------------------------------------------------------------------------- noise injection
 def test_noise_has_zero_mean_and_the_configured_variance():
     noise = sample_noise((2000, 10, 512), 0.016)

@@ -502,3 +502,21 @@ def test_float_image_in_unit_range_is_scaled(processor):
     values = np.linspace(0, 1, 20 * 30, dtype=np.float32).reshape(20, 30)
     expected = Image.fromarray((values * 255).round().astype(np.uint8)).convert("RGB")
     assert torch.allclose(pixels(processor, Image.fromarray(values, mode="F")), pixels(processor, expected), atol=0.02)
+
+
+def test_every_odd_image_captions_in_one_batch(model, processor, tmp_path):
+    """Grayscale, RGBA, CMYK, palette, 16-bit, 1x1 and a file on disk go through generate() together."""
+    odd = [
+        Image.new("L", (30, 20), 90),
+        Image.new("RGBA", (25, 25), (10, 200, 30, 128)),
+        Image.new("CMYK", (20, 30), (0, 255, 255, 0)),
+        Image.new("RGB", (40, 30), (5, 100, 200)).convert("P"),
+        Image.fromarray(np.full((20, 20), 40000, np.uint16)),
+        Image.new("RGB", (1, 1), (255, 0, 0)),
+    ]
+    path = tmp_path / "photo.jpg"
+    random_image(3).save(path)
+    out = model.generate(**processor(images=odd + [str(path)]), output_candidates=True)
+    assert out.sequences.shape[0] == 7 and out.candidates.shape[:2] == (7, 4)
+    assert torch.isfinite(out.candidate_scores).all()
+    assert (out.sequences[:, 0] == processor.tokenizer.eos_token_id).all()  # [BOS | caption]; BOS is EOS in GPT-2
