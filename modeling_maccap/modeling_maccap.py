@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPModel, GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_maccap import MacCapConfig
 from .pipeline_maccap import MacCapImageToTextPipeline
 from .processing_maccap import MacCapProcessor
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -197,7 +199,10 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
             model.processor = MacCapProcessor.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False,
                                                               **hub_kwargs)
         except (OSError, ValueError, TypeError):
-            model.processor = None  # weights only: pass processor= to generate() to rerank
+            model.processor = None
+            if model.config.rerank:
+                logger.warning(f"No MacCap processor files in {pretrained_model_name_or_path}: reranking needs "
+                               "generate(..., processor=MacCapProcessor...) or rerank=False")
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -393,3 +393,13 @@ def test_another_image_is_captioned_differently(model, processor):
     a = model.generate(**processor(images=[random_image(10)]), output_candidates=True).candidate_scores
     b = model.generate(**processor(images=[random_image(11)]), output_candidates=True).candidate_scores
     assert not torch.allclose(a, b)
+
+
+def test_weights_without_processor_warn_and_still_caption_with_one_passed(model, processor, tmp_path, caplog):
+    model.save_pretrained(tmp_path)  # no processor files
+    loaded = MacCapForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.processor is None
+    assert "reranking needs generate(..., processor=" in caplog.text
+    inputs = processor(images=[random_image(1)])
+    torch.testing.assert_close(loaded.generate(**inputs, processor=processor, output_candidates=True).candidate_scores,
+                               model.generate(**inputs, output_candidates=True).candidate_scores)
