@@ -81,7 +81,7 @@ def noise_injection(features, noise):
 
 def image_seed(pixel_values, noise_seed):
     """A seed derived from one image's pixels and a base seed: equal images get equal noise in any batch."""
-    data = pixel_values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    data = pixel_values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()  # no-op if already so
     digest = hashlib.blake2b(data, digest_size=8, key=str(noise_seed).encode()).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
@@ -283,6 +283,7 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
     def _image_generators(self, pixel_values, noise_seed):
         if noise_seed is None:
             return None
+        pixel_values = pixel_values.detach().to("cpu", torch.float32)  # one transfer for the batch, not one per image
         return [torch.Generator().manual_seed(image_seed(p, noise_seed)) for p in pixel_values]
 
     def _prefix_from_features(self, features, variance, generators=None):
@@ -291,7 +292,7 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
 
     # ----------------------------------------------------------------------------------------------- training
     def forward(self, input_ids=None, attention_mask=None, labels=None, clip_input_ids=None,
-                clip_attention_mask=None, clip_text_embeds=None, pixel_values=None, noise_seed=0, **kwargs):
+                clip_attention_mask=None, clip_text_embeds=None, pixel_values=None, noise_seed=0):
         """Text-only training objective. The condition is one of: `clip_input_ids` (CLIP text tower, no grad),
         `clip_text_embeds` (precomputed CLIP text embeddings, e.g. a cache), or `pixel_values` (subregion features
         with inference noise seeded per image by `noise_seed`: image-conditioned teacher forcing for evaluation).
