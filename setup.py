@@ -10,7 +10,7 @@ extras = {
     # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) through the reference implementation.
     "evaluation": ["pycocoevalcap>=1.2"],
     # torchvision is here so that both CLIP image-processor backends (PIL and torchvision) are tested.
-    "tests": ["pytest>=8", "torchvision", "accelerate>=1.0"],
+    "tests": ["pytest>=8", "torchvision"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 
@@ -23,6 +23,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["modeling_maccap"],
+    package_data={"modeling_maccap": ["hub_config.schema.json"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.23,<6",
@@ -30,6 +31,10 @@ setup(
         "safetensors>=0.4",
         "pillow>=10",
         "numpy>=1.24",
+        # maccap train / upload: caption corpora, hub config validation.
+        "datasets>=3.0",
+        "jsonschema>=4.18",
+        "accelerate>=1.0",
     ],
     extras_require=extras,
     entry_points={"console_scripts": ["maccap=modeling_maccap.cli:main"]},

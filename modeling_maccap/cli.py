@@ -1,6 +1,7 @@
 """The `maccap` command line."""
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -63,15 +64,88 @@ def selfcheck(out_dir):
     return 0
 
 
-def main(argv=None):
+def run_train(args):
+    from .hub_config import load_hub_config
+    from .training import train
+
+    hub_config = load_hub_config(args.hub_config)
+    if args.captions:  # another corpus in place of the hub config's
+        dataset = {"file": str(Path(args.captions).resolve())}
+        dataset.update({k: v for k, v in (("column", args.caption_column),
+                                           ("validation_fraction", args.validation_fraction)) if v is not None})
+        hub_config = dataclasses.replace(hub_config, dataset=dataset)
+    output_dir = args.output_dir or Path("checkpoints") / hub_config.repo_id.split("/")[-1]
+    train(hub_config, output_dir, clip=args.clip, lm=args.lm, max_steps=args.max_steps, precision=args.precision)
+    print(f"trained {hub_config.model_name}: {output_dir}")
+    return 0
+
+
+def run_upload(args):
+    from .hub import push, stage
+    from .hub_config import load_hub_config
+
+    hub_config = load_hub_config(args.hub_config)
+    repo_id = args.repo_id or hub_config.repo_id
+    checkpoint = Path(args.checkpoint)
+    staging_dir = Path(args.staging_dir or checkpoint.parent / f"{checkpoint.name}-hub-staging")
+    stage(checkpoint, hub_config, staging_dir, repo_id=repo_id, eval_results=args.eval_results,
+          max_shard_size=args.max_shard_size)
+    print(f"staged {repo_id} in {staging_dir}")
+    if args.dry_run:
+        return 0
+    url = push(staging_dir, repo_id, private=args.private, revision=args.revision,
+               commit_message=args.commit_message, exist_ok=args.exist_ok)
+    print(f"pushed {staging_dir} to {repo_id}: {url}")
+    return 0
+
+
+def build_parser():
     parser = argparse.ArgumentParser(prog="maccap", description="MacCap zero-shot captioning")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("selfcheck", help="offline end-to-end check of the package with tiny random weights")
     check.add_argument("--out", default="maccap-selfcheck", help="folder for the tiny checkpoints (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.command == "selfcheck":
-        return selfcheck(args.out)
-    return 2
+
+    fit = commands.add_parser("train", help="train a variant's projector on captions alone")
+    fit.add_argument("--hub-config", required=True, help="hub_configs/*.json: components, method, corpus, arguments")
+    fit.add_argument("--output-dir", help="where the trained model goes (default: checkpoints/<repo name>)")
+    fit.add_argument("--clip", help="CLIP checkpoint instead of the hub config's (Hub id or local folder)")
+    fit.add_argument("--lm", help="causal LM checkpoint instead of the hub config's (Hub id or local folder)")
+    fit.add_argument("--captions", help="caption file instead of the hub config's corpus (.json list, .jsonl, .csv, "
+                                        ".parquet, .txt)")
+    fit.add_argument("--caption-column", help="column of --captions holding the captions")
+    fit.add_argument("--validation-fraction", type=float, help="fraction of --captions held out for the eval loss")
+    fit.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    fit.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                     help="mixed precision; auto = bf16 (or fp16) on a GPU, fp32 on CPU (default: %(default)s)")
+
+    up = commands.add_parser("upload", help="stage a trained checkpoint as a Hub repo (model card included) and push it")
+    up.add_argument("checkpoint", help="the trained model folder (safetensors weights and processor files)")
+    up.add_argument("--hub-config", required=True, help="the hub_configs/*.json the checkpoint was trained with")
+    up.add_argument("--repo-id", help="ORG/NAME (default: the hub config's repo_id)")
+    up.add_argument("--eval-results", help="evaluation results JSON to put into the card's model-index")
+    up.add_argument("--staging-dir", help="where the repo folder is staged (default: CHECKPOINT-hub-staging)")
+    up.add_argument("--max-shard-size", default="2GB", help="weights are sharded above this (default: %(default)s)")
+    up.add_argument("--dry-run", action="store_true", help="stage only; push nothing")
+    up.add_argument("--private", action="store_true", help="create the repo private")
+    up.add_argument("--revision", help="branch to push to (created if missing; default: main)")
+    up.add_argument("--commit-message", help="commit message (default: 'Upload MacCap checkpoint')")
+    up.add_argument("--exist-ok", action="store_true", help="add a commit to a repo that already exists")
+    return parser
+
+
+def main(argv=None):
+    from .hub import UploadError
+    from .hub_config import HubConfigError
+    from .training import CaptionDataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "selfcheck":
+            return selfcheck(args.out)
+        return {"train": run_train, "upload": run_upload}[args.command](args)
+    except (HubConfigError, UploadError, CaptionDataError) as error:
+        print(f"maccap {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,270 @@
+"""Publishing to the Hub (not shipped as remote code): stage the exact repo folder of a trained checkpoint, with
+its model card, then create the repo and upload the folder.
+
+Staging and pushing are separate steps, so a failed push (no token, the repo exists, the connection drops)
+never loses the staged folder and can be retried as it is.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+# Written into every staging folder (and never uploaded): re-staging may replace only a folder that has it.
+STAGING_MARKER = ".maccap-staging"
+CARD_TAGS = ["zero-shot-image-captioning", "custom_code", "image-captioning", "text-only-training", "maccap"]
+
+CITATION = """\
+@inproceedings{qiu2024maccap,
+  title     = {Mining Fine-Grained Image-Text Alignment for Zero-Shot Captioning via Text-Only Training},
+  author    = {Qiu, Longtian and Ning, Shan and He, Xuming},
+  booktitle = {Proceedings of the AAAI Conference on Artificial Intelligence},
+  year      = {2024},
+  note      = {arXiv:2401.02347}
+}"""
+
+# Published text-only captioners on the COCO Karpathy test split (CIDEr), for context in the card.
+TEXT_ONLY_COCO_CIDER = [("CapDec", 91.8), ("DeCap", 91.2), ("ViECap", 92.9), ("Knight", 98.9), ("SynTIC", 101.1),
+                        ("IFCap", 108.0)]
+
+
+class UploadError(RuntimeError):
+    """Staging or pushing failed; the message says what was wrong and what happened to the staged folder."""
+
+
+# --------------------------------------------------------------------------------------------- eval results
+def read_eval_results(path):
+    """An evaluation results file: one object (or a list of them) of the form
+    `{"dataset": {"id", "name", "split"}, "metrics": {"CIDEr": 0.95, "BLEU-4": 0.31, ...}}`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UploadError(f"cannot read evaluation results {path}: {error}") from None
+    entries = data if isinstance(data, list) else [data]
+    for i, entry in enumerate(entries):
+        where = f"{path}" + (f" [{i}]" if isinstance(data, list) else "")
+        if not isinstance(entry, dict) or not isinstance(entry.get("dataset"), dict) or "id" not in entry["dataset"]:
+            raise UploadError(f"{where}: needs a 'dataset' object with at least an 'id'")
+        metrics = entry.get("metrics")
+        if not isinstance(metrics, dict) or not metrics:
+            raise UploadError(f"{where}: needs a non-empty 'metrics' object of name -> number")
+        bad = [name for name, value in metrics.items() if isinstance(value, bool) or not isinstance(value, (int, float))]
+        if bad:
+            raise UploadError(f"{where}: metrics {', '.join(bad)} are not numbers")
+    return entries
+
+
+# ------------------------------------------------------------------------------------------------ model card
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def model_card(hub_config, repo_id, eval_results=(), num_projector_parameters=None):
+    """The README.md of the repo: YAML metadata the Hub reads (pipeline, tags, license, base models, datasets,
+    model-index) and a body with usage, the training recipe, results, limitations and the citation."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    results = [
+        EvalResult(task_type="image-to-text", task_name="Image captioning", dataset_type=entry["dataset"]["id"],
+                   dataset_name=entry["dataset"].get("name", entry["dataset"]["id"]),
+                   dataset_split=entry["dataset"].get("split"), metric_type=name.lower().replace("-", ""),
+                   metric_name=name, metric_value=value)
+        for entry in eval_results for name, value in entry["metrics"].items()
+    ]
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-to-text", tags=CARD_TAGS, language="en",
+        license=hub_config.license, license_name=hub_config.license_name, license_link=hub_config.license_link,
+        base_model=[hub_config.clip, hub_config.lm], datasets=hub_config.dataset_ids or None,
+        model_name=hub_config.model_name, eval_results=results or None,
+    )
+    corpus = (f"[{hub_config.dataset['hub_id']}](https://huggingface.co/datasets/{hub_config.dataset['hub_id']})"
+              + (f" (subset `{hub_config.dataset['config']}`)" if hub_config.dataset.get("config") else "")
+              + f", split `{hub_config.dataset['split']}`, column `{hub_config.dataset['column']}`"
+              if hub_config.dataset_ids else f"the caption file `{Path(hub_config.dataset['file']).name}`")
+    method_rows = [(f"`{k}`", f"`{v}`") for k, v in hub_config.maccap.items()]
+    training_rows = [(f"`{k}`", f"`{json.dumps(v)}`") for k, v in hub_config.training_arguments.items()]
+    if eval_results:
+        evaluation = _table(["dataset", "split", "metric", "value"],
+                            [(e["dataset"].get("name", e["dataset"]["id"]), e["dataset"].get("split", ""), name, value)
+                             for e in eval_results for name, value in e["metrics"].items()])
+    else:
+        evaluation = "This checkpoint was published without an evaluation results file; no scores are claimed."
+    trained = "the projector and the LM" if hub_config.finetune_lm else "only the projector (CLIP and the LM frozen)"
+    projector = f" ({num_projector_parameters:,} parameters)" if num_projector_parameters else ""
+    body = f"""
+# {hub_config.model_name}
+
+Zero-shot image captioning trained on text only: **MacCap** (Qiu, Ning, He, AAAI-24, "Mining Fine-Grained
+Image-Text Alignment for Zero-Shot Captioning via Text-Only Training"). A small projector{projector} maps CLIP
+embeddings to prefix embeddings of a frozen causal LM. It was trained on captions alone, with Gaussian noise
+injected into the CLIP text embeddings to bridge CLIP's modality gap. At inference the model aggregates image
+subregion features and reranks {hub_config.maccap['num_candidates']} noisy candidate captions with CLIP, inside
+`generate()`.
+
+- CLIP: [{hub_config.clip}](https://huggingface.co/{hub_config.clip})
+- Language model: [{hub_config.lm}](https://huggingface.co/{hub_config.lm})
+- Training corpus: {corpus}
+
+## Usage
+
+The model code ships with the weights, so `trust_remote_code=True` is needed (no extra package).
+
+```python
+from transformers import pipeline
+
+captioner = pipeline("image-to-text", model="{repo_id}", trust_remote_code=True)
+captioner("photo.jpg")                     # [{{"generated_text": "..."}}]
+captioner(["a.jpg", "b.jpg"], batch_size=8)
+```
+
+```python
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+inputs = processor(images=[Image.open("photo.jpg")])
+print(processor.batch_decode(model.generate(**inputs)))
+
+# zero-shot VQA: the question, in the prompt format of the config, goes after the image prefix
+question = model.format_vqa_prompts(["what is on the table?"])[0]
+captioner("photo.jpg", prompt=question, generate_kwargs={{"num_beams": 5}})
+```
+
+## Training recipe
+
+Text only: {trained} trained on {corpus}, with CLIP text embeddings as the condition. Reproduce it with the
+`maccap` package (`maccap train --hub-config {hub_config.path.name}`); captions are cut at
+{hub_config.max_caption_length} LM tokens.
+
+Method settings (`MacCapConfig`):
+
+{_table(["field", "value"], method_rows)}
+
+`transformers.TrainingArguments`:
+
+{_table(["argument", "value"], training_rows)}
+
+## Evaluation
+
+{evaluation}
+
+For context, published text-only captioners on the COCO Karpathy test split (CIDEr): {", ".join(
+        f"{name} {cider}" for name, cider in TEXT_ONLY_COCO_CIDER)}.
+
+## Limitations
+
+- The captioner never saw an image in training. Its captions follow the style and vocabulary of its training
+  corpus and can name objects that are not in the image. It inherits the biases of CLIP, the LM and the corpus.
+- Reranking keeps the candidate CLIP prefers, which favours CLIP's own notion of a match.
+- English only. Noise is drawn per image from a seed (`noise_seed`), so captions are reproducible; pass another
+  seed for other candidates.
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+# ----------------------------------------------------------------------------------------------------- stage
+def _load_checkpoint(checkpoint_dir):
+    from .modeling_maccap import MacCapForConditionalGeneration
+
+    checkpoint_dir = Path(checkpoint_dir)
+    config_file = checkpoint_dir / "config.json"
+    if not config_file.is_file():
+        raise UploadError(f"{checkpoint_dir} is not a checkpoint folder: it has no config.json")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UploadError(f"{config_file} is not valid JSON: {error}") from None
+    if model_type != "maccap":
+        raise UploadError(f"{checkpoint_dir} holds a {model_type!r} model, not a MacCap checkpoint")
+    if not any(checkpoint_dir.glob("*.safetensors")) and not (checkpoint_dir / "model.safetensors.index.json").is_file():
+        raise UploadError(f"{checkpoint_dir} has no safetensors weights; maccap publishes (and loads) only "
+                          "safetensors, never pickled .bin files")
+    try:
+        model = MacCapForConditionalGeneration.from_pretrained(checkpoint_dir, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UploadError(f"cannot load the checkpoint {checkpoint_dir}: {error}") from None
+    if model.processor is None:
+        raise UploadError(f"{checkpoint_dir} has no processor files (processor_config.json, tokenizers): a repo "
+                          "without them cannot caption; save the processor beside the weights")
+    return model
+
+
+def _check_matches(model, hub_config):
+    wrong = [f"{name}: checkpoint {getattr(model.config, name)!r}, hub config {value!r}"
+             for name, value in hub_config.maccap.items() if getattr(model.config, name) != value]
+    if wrong:
+        raise UploadError(f"the checkpoint was not trained with {hub_config.path.name}: " + "; ".join(wrong))
+    if model.processor.max_caption_length != hub_config.max_caption_length:
+        raise UploadError(f"the checkpoint's processor keeps {model.processor.max_caption_length} caption tokens, "
+                          f"{hub_config.path.name} says {hub_config.max_caption_length}")
+
+
+def _prepare_staging_dir(staging_dir):
+    staging_dir = Path(staging_dir)
+    if staging_dir.exists() and any(staging_dir.iterdir()):
+        if not (staging_dir / STAGING_MARKER).is_file():
+            raise UploadError(f"staging folder {staging_dir} exists and was not made by maccap upload; "
+                              "choose another --staging-dir")
+        shutil.rmtree(staging_dir)
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    (staging_dir / STAGING_MARKER).write_text("staged by maccap upload; not uploaded\n", encoding="utf-8")
+    return staging_dir
+
+
+def stage(checkpoint_dir, hub_config, staging_dir, repo_id=None, eval_results=None, max_shard_size="2GB"):
+    """Write the exact repo folder into `staging_dir`: safetensors weights (sharded above `max_shard_size`),
+    config.json with auto_map and the pipeline entry, generation_config.json, processor files, the remote-code
+    .py files and README.md (the model card). `eval_results` is a results file path (see `read_eval_results`)."""
+    model = _load_checkpoint(checkpoint_dir)
+    _check_matches(model, hub_config)
+    results = read_eval_results(eval_results) if eval_results else []
+    staging_dir = _prepare_staging_dir(staging_dir)
+    model.save_pretrained(staging_dir, max_shard_size=max_shard_size)
+    model.processor.save_pretrained(staging_dir)
+    card = model_card(hub_config, repo_id or hub_config.repo_id, results,
+                      num_projector_parameters=sum(p.numel() for p in model.projector.parameters()))
+    card.save(staging_dir / "README.md")
+    return staging_dir
+
+
+# ------------------------------------------------------------------------------------------------------ push
+def push(staging_dir, repo_id, private=False, revision=None, commit_message=None, exist_ok=False):
+    """Create `repo_id` and upload the staged folder as one commit (to branch `revision`, created if needed).
+    The token comes from HF_TOKEN or `hf auth login`. Returns the commit URL."""
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    staging_dir = Path(staging_dir)
+    kept = f"the staged folder {staging_dir} is kept"
+    token = get_token()
+    if token is None:
+        raise UploadError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again; {kept}")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=exist_ok)
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code == 409:
+            raise UploadError(f"the repo {repo_id} already exists on {constants.ENDPOINT}; pass --exist-ok to add a "
+                              f"commit to it; {kept}") from None
+        raise UploadError(f"cannot create the repo {repo_id}: {error}; {kept}") from None
+    except Exception as error:  # noqa: BLE001 - connection errors come from the HTTP client's own hierarchy
+        raise UploadError(f"cannot reach {constants.ENDPOINT} to create {repo_id}: {error!r}; {kept}") from None
+    try:
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(folder_path=staging_dir, repo_id=repo_id, revision=revision,
+                                 commit_message=commit_message or "Upload MacCap checkpoint",
+                                 ignore_patterns=[STAGING_MARKER])
+    except Exception as error:  # noqa: BLE001 - a dropped connection, an HTTP error, a full disk: same advice
+        raise UploadError(f"upload of {staging_dir} to {repo_id} failed: {error!r}; {kept}: push it again with "
+                          "--exist-ok") from None
+    return info.commit_url
