@@ -173,6 +173,8 @@ For context, published text-only captioners on the COCO Karpathy test split (CID
 
 # ----------------------------------------------------------------------------------------------------- stage
 def _load_checkpoint(checkpoint_dir):
+    from safetensors import SafetensorError
+
     from .modeling_maccap import MacCapForConditionalGeneration
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -190,7 +192,7 @@ def _load_checkpoint(checkpoint_dir):
                           "safetensors, never pickled .bin files")
     try:
         model = MacCapForConditionalGeneration.from_pretrained(checkpoint_dir, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise UploadError(f"cannot load the checkpoint {checkpoint_dir}: {error}") from None
     if model.processor is None:
         raise UploadError(f"{checkpoint_dir} has no processor files (processor_config.json, tokenizers): a repo "

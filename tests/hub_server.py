@@ -32,7 +32,7 @@ class HubError(Exception):
 class FakeHub:
     def __init__(self, tokens=("hf_test_token",)):
         self.tokens = set(tokens)
-        self.commits: list[dict] = []  # {"repo_id", "revision", "summary", "paths", "deleted"} per commit received
+        self.commits: list[dict] = []  # {"repo_id", "revision", "summary", "paths": added} per commit received
         self.requests: list[tuple[str, str]] = []  # (method, raw path without query) of every request
         self.drop_next_commit = False
         self.url = None
@@ -166,7 +166,7 @@ class FakeHub:
         header, parent = lines[0]["value"], repo["branches"][branch]
         if header.get("parentCommit") not in (None, parent):
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
-        files, added, deleted = dict(repo["snapshots"][parent]), [], []
+        files, added = dict(repo["snapshots"][parent]), []
         for line in lines[1:]:
             key, value = line["key"], line["value"]
             path = value["path"]
@@ -177,15 +177,13 @@ class FakeHub:
             elif key == "deletedFile":
                 if files.pop(path, None) is None:
                     raise HubError(404, "A file with this name doesn't exist", "EntryNotFound")
-                deleted.append(path)
             elif key == "deletedFolder":
-                inside = [p for p in files if p.startswith(path.rstrip("/") + "/")]
-                deleted += [p for p in inside if files.pop(p) is not None]
+                for inside in [p for p in files if p.startswith(path.rstrip("/") + "/")]:
+                    del files[inside]
             else:
                 raise HubError(400, f"This stand-in takes regular files only, not {key!r}")
         sha = self._new_commit(repo, branch, header["summary"], files)
-        self.commits.append({"repo_id": repo_id, "revision": branch, "summary": header["summary"],
-                             "paths": added, "deleted": deleted})
+        self.commits.append({"repo_id": repo_id, "revision": branch, "summary": header["summary"], "paths": added})
         return 200, {"success": True, "commitOid": sha, "commitUrl": f"{self.url}/{repo_id}/commit/{sha}"}, {}
 
     def _branch(self, repo_id, repo, branch, body):
@@ -239,7 +237,8 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             hub.requests.append((method, url.path))
             drop = method == "POST" and parts[-2:-1] == ["commit"] and hub.drop_next_commit
-            hub.drop_next_commit = hub.drop_next_commit and not drop
+            if drop:
+                hub.drop_next_commit = False
         if drop:  # read part of the body, then reset the connection without a reply
             self.rfile.read(max(1, length // 2))
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

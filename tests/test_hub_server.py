@@ -88,7 +88,7 @@ def test_upload_folder_stores_the_exact_bytes(hub, api, tmp_path):
     info = api.upload_folder(repo_id="org/model", folder_path=write_folder(tmp_path, FILES), commit_message="up")
     assert hub.files("org/model") == FILES
     assert hub.commits == [{"repo_id": "org/model", "revision": "main", "summary": "up",
-                            "paths": sorted(FILES), "deleted": []}]
+                            "paths": sorted(FILES)}]
     model = api.model_info("org/model")
     assert model.sha == info.oid and sorted(s.rfilename for s in model.siblings) == sorted(FILES)
     assert hub.files("org/model", revision=info.oid) == FILES
@@ -96,6 +96,9 @@ def test_upload_folder_stores_the_exact_bytes(hub, api, tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"new")
     api.upload_folder(repo_id="org/model", folder_path=tmp_path)
     assert hub.commits[-1]["paths"] == ["weights.bin"] and hub.files("org/model")["weights.bin"] == b"new"
+    api.delete_file("empty.bin", repo_id="org/model")
+    api.delete_folder("sub", repo_id="org/model")
+    assert sorted(hub.files("org/model")) == ["config.json", "weights.bin"]
 
 
 def test_snapshot_and_single_file_downloads(hub, api, tmp_path):

@@ -1,0 +1,287 @@
+"""upload.py / `maccap upload`: the staged repo folder is complete and loads as remote code with the source
+model's outputs; the push goes through a stand-in Hub on 127.0.0.1 and arrives byte-identical; every failure
+says what happened and keeps the staged folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import yaml
+from huggingface_hub import HfApi
+
+from modeling_maccap.cli import main
+from modeling_maccap.hub import STAGING_MARKER, stage
+from modeling_maccap.hub_config import load_hub_config
+from modeling_maccap.tiny import TINY_MACCAP
+
+from .conftest import random_image
+from .hub_server import FakeHub
+from .test_hub_config import read
+from .test_remote_code import FRESH_PROCESS, REMOTE_FILES
+
+ROOT = Path(__file__).parent.parent
+COCO_GPT2 = ROOT / "hub_configs" / "maccap-clip-vit-b32-gpt2-coco.json"
+COCO_OPT = ROOT / "hub_configs" / "maccap-clip-vit-b32-opt-1.3b-coco.json"
+TOKEN = "hf_test_token"
+RESULTS = {"dataset": {"id": "yerevann/coco-karpathy", "name": "COCO Karpathy test", "split": "test"},
+           "metrics": {"BLEU-4": 0.123, "CIDEr": 0.456}}
+
+
+@pytest.fixture
+def checkpoint(model, processor, tmp_path):
+    folder = tmp_path / "trained"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def hub_config_file(tmp_path):
+    """The COCO variant with the tiny model's method settings (the ones `checkpoint` was built with)."""
+    data = read(COCO_GPT2)
+    data["maccap"].update(TINY_MACCAP)
+    path = tmp_path / "variant.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def results_file(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(RESULTS))
+    return path
+
+
+def staged_files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+            and p.name != STAGING_MARKER}
+
+
+def front_matter(card_text):
+    assert card_text.startswith("---\n")
+    return yaml.safe_load(card_text.split("---\n")[1])
+
+
+def fresh_process(model_id, image_paths, cwd, extra_env=None):
+    env = {**os.environ, "PYTHONPATH": "", **(extra_env or {})}
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, model_id, *image_paths], capture_output=True, text=True,
+                         env=env, cwd=cwd, timeout=600, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def image_paths(tmp_path):
+    paths = []
+    for i, seed in enumerate((30, 31)):
+        paths.append(str(tmp_path / f"image{i}.png"))
+        random_image(seed).save(paths[-1])
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------- staging
+def test_staged_folder_is_the_exact_repo(checkpoint, hub_config_file, results_file, tmp_path):
+    staging = stage(checkpoint, load_hub_config(hub_config_file), tmp_path / "staging", repo_id="org/name",
+                    eval_results=results_file)
+    names = set(staged_files(staging))
+    assert {"model.safetensors", "config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
+            "README.md", *REMOTE_FILES} <= names
+    assert any(n.startswith("clip_tokenizer/") for n in names)
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    config = json.loads((staging / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_maccap.MacCapForConditionalGeneration"
+    assert config["custom_pipelines"]["image-to-text"]["impl"] == "pipeline_maccap.MacCapImageToTextPipeline"
+
+
+def test_model_card_metadata_and_body(checkpoint, hub_config_file, results_file, tmp_path):
+    hub = load_hub_config(hub_config_file)
+    staging = stage(checkpoint, hub, tmp_path / "staging", repo_id="org/name", eval_results=results_file)
+    card = (staging / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "image-to-text"
+    assert {"zero-shot-image-captioning", "custom_code"} <= set(meta["tags"])
+    assert meta["license"] == "mit"
+    assert meta["base_model"] == ["openai/clip-vit-base-patch32", "openai-community/gpt2"]
+    assert meta["datasets"] == ["yerevann/coco-karpathy"]
+    (index,) = meta["model-index"]
+    (result,) = index["results"]
+    assert result["task"]["type"] == "image-to-text"
+    assert result["dataset"] == {"name": "COCO Karpathy test", "type": "yerevann/coco-karpathy", "split": "test"}
+    assert {(m["name"], m["value"]) for m in result["metrics"]} == {("BLEU-4", 0.123), ("CIDEr", 0.456)}
+
+    for heading in ("## Usage", "## Training recipe", "## Evaluation", "## Limitations", "## Citation"):
+        assert heading in card
+    assert 'AutoModel.from_pretrained("org/name", trust_remote_code=True)' in card
+    assert 'pipeline("image-to-text", model="org/name", trust_remote_code=True)' in card
+    assert "Mining Fine-Grained Image-Text Alignment for Zero-Shot Captioning via Text-Only Training" in card
+    assert "@inproceedings" in card
+    assert "| `learning_rate` | `0.0001` |" in card and "| `num_queries` | `4` |" in card
+    assert "| COCO Karpathy test | test | CIDEr | 0.456 |" in card
+
+
+def test_card_without_results_claims_no_scores(checkpoint, tmp_path):
+    data = read(COCO_OPT)  # a license of its own ("other", with name and link), other base models
+    data["maccap"].update(TINY_MACCAP)
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    staging = stage(checkpoint, load_hub_config(tmp_path / "other.json"), tmp_path / "staging")
+    card = (staging / "README.md").read_text()
+    meta = front_matter(card)
+    assert "model-index" not in meta
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == (
+        "other", data["license_name"], data["license_link"])
+    assert meta["base_model"] == [data["components"]["clip"], data["components"]["lm"]]
+    assert meta["datasets"] == [data["dataset"]["hub_id"]]
+    assert "no scores are claimed" in card
+    assert f'model="{data["repo_id"]}"' in card  # the hub config's repo id when none is given
+
+
+def test_sharded_staging_loads_in_a_fresh_process_with_the_source_outputs(model, processor, checkpoint,
+                                                                         hub_config_file, image_paths, tmp_path):
+    staging = stage(checkpoint, load_hub_config(hub_config_file), tmp_path / "staging", max_shard_size="150KB")
+    shards = sorted(p.name for p in staging.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (staging / "model.safetensors.index.json").is_file()
+    got = fresh_process(str(staging), image_paths, tmp_path)
+    expected = processor.batch_decode(model.generate(**processor(images=image_paths)))
+    assert got["captions"] == expected
+    assert got["pipe_list"] == [[{"generated_text": c}] for c in expected]
+
+
+def test_dry_run_stages_and_pushes_nothing(checkpoint, hub_config_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    staging = tmp_path / "staging"
+    assert main(["upload", str(checkpoint), "--hub-config", str(hub_config_file), "--repo-id", "org/name",
+                 "--staging-dir", str(staging), "--dry-run"]) == 0
+    assert (staging / "README.md").is_file() and "pushed" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda ckpt: (ckpt / "config.json").unlink(), "has no config.json"),
+    (lambda ckpt: (ckpt / "config.json").write_text(json.dumps({"model_type": "gpt2"})), "holds a 'gpt2' model"),
+    (lambda ckpt: (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin"), "has no safetensors weights"),
+    (lambda ckpt: (ckpt / "processor_config.json").unlink(), "has no processor files"),
+    (lambda ckpt: (ckpt / "model.safetensors").write_bytes(b"not a safetensors file"), "cannot load the checkpoint"),
+])
+def test_a_wrong_checkpoint_is_named(checkpoint, hub_config_file, tmp_path, capsys, damage, message):
+    damage(checkpoint)
+    assert main(["upload", str(checkpoint), "--hub-config", str(hub_config_file), "--dry-run",
+                 "--staging-dir", str(tmp_path / "staging")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(checkpoint) in err
+
+
+def test_a_checkpoint_trained_with_other_settings_is_refused(checkpoint, tmp_path, capsys):
+    data = read(COCO_GPT2)
+    data["maccap"].update(TINY_MACCAP, num_subregions=5)
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    assert main(["upload", str(checkpoint), "--hub-config", str(tmp_path / "other.json"), "--dry-run",
+                 "--staging-dir", str(tmp_path / "staging")]) == 2
+    assert "num_subregions: checkpoint 10, hub config 5" in capsys.readouterr().err
+
+
+def test_staging_never_overwrites_a_folder_it_did_not_make(checkpoint, hub_config_file, tmp_path):
+    hub = load_hub_config(hub_config_file)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(Exception, match="was not made by maccap upload"):
+        stage(checkpoint, hub, foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    staging = stage(checkpoint, hub, tmp_path / "staging")
+    (staging / "stale.txt").write_text("from an earlier staging")
+    stage(checkpoint, hub, staging)  # its own folder: rebuilt from scratch
+    assert not (staging / "stale.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- push
+@pytest.fixture
+def hub(monkeypatch):
+    """A stand-in Hub; huggingface_hub in this process talks to it, online, with a valid token."""
+    with FakeHub(tokens=(TOKEN,)) as server:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield server
+
+
+def upload(checkpoint, hub_config_file, staging, *extra):
+    return main(["upload", str(checkpoint), "--hub-config", str(hub_config_file), "--repo-id", "org/name",
+                 "--staging-dir", str(staging), *extra])
+
+
+def test_missing_token_is_explained_and_the_staging_kept(hub, checkpoint, hub_config_file, tmp_path, capsys,
+                                                         monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert upload(checkpoint, hub_config_file, tmp_path / "staging") == 2
+    err = capsys.readouterr().err
+    assert "no Hugging Face token: set HF_TOKEN or run `hf auth login`" in err
+    assert f"the staged folder {tmp_path / 'staging'} is kept" in err
+    assert (tmp_path / "staging" / "model.safetensors").is_file()
+    assert not hub.commits
+
+
+def test_existing_repo_is_explained_then_exist_ok_adds_a_commit(hub, checkpoint, hub_config_file, tmp_path, capsys):
+    hub.add_repo("org/name", files={"old.txt": b"old"})
+    staging = tmp_path / "staging"
+    assert upload(checkpoint, hub_config_file, staging) == 2
+    err = capsys.readouterr().err
+    assert "the repo org/name already exists" in err and "--exist-ok" in err
+    assert hub.files("org/name") == {"old.txt": b"old"} and (staging / "README.md").is_file()
+    assert upload(checkpoint, hub_config_file, staging, "--exist-ok") == 0
+    assert hub.files("org/name") == {"old.txt": b"old", **staged_files(staging)}
+
+
+def test_dropped_connection_keeps_the_staging_and_a_retry_completes(hub, checkpoint, hub_config_file, tmp_path,
+                                                                    capsys, monkeypatch):
+    staging = tmp_path / "staging"
+    # With hf_xet installed, huggingface_hub retries a dropped commit once and the retry would get through;
+    # without it (the create_commit path) the first drop is final, as a drop that outlasts the retries is.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    hub.drop_next_commit = True
+    assert upload(checkpoint, hub_config_file, staging) == 2
+    err = capsys.readouterr().err
+    assert "upload of" in err and "failed" in err and "is kept" in err
+    assert hub.files("org/name") == {}
+    before = staged_files(staging)
+    assert upload(checkpoint, hub_config_file, staging, "--exist-ok") == 0
+    assert hub.files("org/name") == before
+
+
+def test_private_branch_and_commit_message(hub, checkpoint, hub_config_file, tmp_path):
+    staging = tmp_path / "staging"
+    assert upload(checkpoint, hub_config_file, staging, "--private", "--revision", "v1",
+                  "--commit-message", "MacCap tiny v1") == 0
+    assert HfApi(endpoint=hub.url, token=TOKEN).model_info("org/name").private is True
+    assert hub.files("org/name", revision="v1") == staged_files(staging)
+    assert "README.md" not in hub.files("org/name")
+    assert hub.commits[-1]["summary"] == "MacCap tiny v1" and hub.commits[-1]["revision"] == "v1"
+
+
+def test_upload_script_pushes_byte_identical_files_that_load_through_the_hub(model, processor, checkpoint,
+                                                                            hub_config_file, results_file,
+                                                                            image_paths, tmp_path):
+    """`python upload.py` in its own process, then from_pretrained("org/name") in another, both through the
+    stand-in Hub: the repo holds exactly the staged bytes and captions like the source model."""
+    with FakeHub(tokens=(TOKEN,)) as server:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env.update(HF_ENDPOINT=server.url, HF_TOKEN=TOKEN, PYTHONPATH="")
+        staging = tmp_path / "staging"
+        run = subprocess.run([sys.executable, str(ROOT / "upload.py"), str(checkpoint), "--hub-config",
+                              str(hub_config_file), "--repo-id", "org/name", "--staging-dir", str(staging),
+                              "--eval-results", str(results_file)],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, stdin=subprocess.DEVNULL)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "pushed" in run.stdout
+        assert server.files("org/name") == staged_files(staging)
+
+        env.pop("HF_TOKEN")  # downloads need none
+        got = fresh_process("org/name", image_paths, tmp_path, {k: env[k] for k in ("HF_ENDPOINT",)} | {
+            "HF_HUB_OFFLINE": "0"})
+    expected = processor.batch_decode(model.generate(**processor(images=image_paths)))
+    assert got["captions"] == expected and got["itt_captions"] == expected
+    assert got["pipe_list"] == [[{"generated_text": c}] for c in expected]
