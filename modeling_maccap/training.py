@@ -120,9 +120,13 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
     from .modeling_maccap import MacCapForConditionalGeneration
 
     output_dir = Path(output_dir)
-    model = MacCapForConditionalGeneration.from_pretrained_components(
-        clip=clip or hub_config.clip, lm=lm or hub_config.lm, freeze_lm=not hub_config.finetune_lm,
-        **hub_config.maccap)
+    clip, lm = clip or hub_config.clip, lm or hub_config.lm
+    try:
+        model = MacCapForConditionalGeneration.from_pretrained_components(
+            clip=clip, lm=lm, freeze_lm=not hub_config.finetune_lm, **hub_config.maccap)
+    except OSError as error:
+        raise HubConfigError(f"{hub_config.path}: components: cannot load CLIP {clip!r} and LM {lm!r} (--clip / --lm "
+                             f"take local copies): {str(error).splitlines()[0]}") from None
     processor = model.processor
     processor.max_caption_length = hub_config.max_caption_length
     train_set, eval_set = split_corpus(hub_config)

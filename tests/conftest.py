@@ -46,6 +46,15 @@ def processor(components):
     return MacCapProcessor.from_pretrained_components(clip=components[0], lm=components[1])
 
 
+@pytest.fixture
+def checkpoint(model, processor, tmp_path):
+    """`model` and `processor` saved together: a folder like the one training writes."""
+    folder = tmp_path / "maccap-tiny"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def random_image(seed, size=(48, 40)):
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)

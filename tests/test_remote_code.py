@@ -1,4 +1,4 @@
-"""A saved folder works as remote code in a fresh interpreter that cannot import this package."""
+"""A checkpoint folder works as remote code in a fresh interpreter that cannot import this package."""
 
 import ast
 import json
@@ -46,29 +46,31 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def saved(model, processor, tmp_path):
-    folder = tmp_path / "maccap-tiny"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+def fresh_process(model_id, image_paths, cwd, extra_env=None):
+    """Run FRESH_PROCESS on a folder or Hub id in a new interpreter that cannot import this package."""
+    env = {**os.environ, "PYTHONPATH": "", **(extra_env or {})}
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, model_id, *image_paths], capture_output=True, text=True,
+                         env=env, cwd=cwd, timeout=600, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Do you wish to run the custom code" not in run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def test_saved_folder_holds_code_auto_map_and_pipeline_entry(saved):
-    names = {p.name for p in saved.iterdir()}
+def test_saved_folder_holds_code_auto_map_and_pipeline_entry(checkpoint):
+    names = {p.name for p in checkpoint.iterdir()}
     assert set(REMOTE_FILES) <= names
-    config = json.loads((saved / "config.json").read_text())
+    config = json.loads((checkpoint / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_maccap.MacCapConfig",
         "AutoModel": "modeling_maccap.MacCapForConditionalGeneration",
         "AutoModelForImageTextToText": "modeling_maccap.MacCapForConditionalGeneration",
     }
     assert config["custom_pipelines"]["image-to-text"]["impl"] == "pipeline_maccap.MacCapImageToTextPipeline"
-    processor_config = json.loads((saved / "processor_config.json").read_text())
+    processor_config = json.loads((checkpoint / "processor_config.json").read_text())
     assert processor_config["auto_map"] == {"AutoProcessor": "processing_maccap.MacCapProcessor"}
 
 
-def test_fresh_process_loads_and_captions_like_the_source_model(model, processor, saved, tmp_path):
+def test_fresh_process_loads_and_captions_like_the_source_model(model, processor, checkpoint, tmp_path):
     images = [random_image(s) for s in (20, 21, 22)]
     paths = []
     for i, image in enumerate(images):
@@ -77,12 +79,7 @@ def test_fresh_process_loads_and_captions_like_the_source_model(model, processor
     expected = processor.batch_decode(model.generate(**processor(images=images)))
     unranked = processor.batch_decode(model.generate(**processor(images=images[:1]), rerank=False, max_new_tokens=2))
 
-    env = {**os.environ, "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(saved), *paths], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=600, stdin=subprocess.DEVNULL)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "Do you wish to run the custom code" not in run.stderr
-    got = json.loads(run.stdout.strip().splitlines()[-1])
+    got = fresh_process(str(checkpoint), paths, tmp_path)
 
     assert all(m.startswith("transformers_modules.") for m in got["modules"]), got["modules"]
     assert got["classes"] == ["MacCapConfig", "MacCapForConditionalGeneration", "MacCapForConditionalGeneration",

@@ -127,3 +127,10 @@ def test_caption_errors_name_the_file_and_the_column(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(CaptionDataError, match="no usable caption"):
         load_captions({"file": str(tmp_path / "empty.txt")})
+
+
+def test_components_that_cannot_be_loaded_are_named(tiny_hub_config, components, tmp_path, capsys):
+    assert main(["train", "--hub-config", str(tiny_hub_config), "--clip", str(tmp_path / "no-clip"), "--lm",
+                 components[1], "--output-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tiny_hub_config}: components: cannot load CLIP '{tmp_path / 'no-clip'}'" in err

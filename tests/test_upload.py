@@ -21,7 +21,7 @@ from modeling_maccap.tiny import TINY_MACCAP
 from .conftest import random_image
 from .hub_server import FakeHub
 from .test_hub_config import read
-from .test_remote_code import FRESH_PROCESS, REMOTE_FILES
+from .test_remote_code import REMOTE_FILES, fresh_process
 
 ROOT = Path(__file__).parent.parent
 COCO_GPT2 = ROOT / "hub_configs" / "maccap-clip-vit-b32-gpt2-coco.json"
@@ -29,14 +29,6 @@ COCO_OPT = ROOT / "hub_configs" / "maccap-clip-vit-b32-opt-1.3b-coco.json"
 TOKEN = "hf_test_token"
 RESULTS = {"dataset": {"id": "yerevann/coco-karpathy", "name": "COCO Karpathy test", "split": "test"},
            "metrics": {"BLEU-4": 0.123, "CIDEr": 0.456}}
-
-
-@pytest.fixture
-def checkpoint(model, processor, tmp_path):
-    folder = tmp_path / "trained"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
@@ -64,14 +56,6 @@ def staged_files(folder):
 def front_matter(card_text):
     assert card_text.startswith("---\n")
     return yaml.safe_load(card_text.split("---\n")[1])
-
-
-def fresh_process(model_id, image_paths, cwd, extra_env=None):
-    env = {**os.environ, "PYTHONPATH": "", **(extra_env or {})}
-    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, model_id, *image_paths], capture_output=True, text=True,
-                         env=env, cwd=cwd, timeout=600, stdin=subprocess.DEVNULL)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture
@@ -279,9 +263,8 @@ def test_upload_script_pushes_byte_identical_files_that_load_through_the_hub(mod
         assert "pushed" in run.stdout
         assert server.files("org/name") == staged_files(staging)
 
-        env.pop("HF_TOKEN")  # downloads need none
-        got = fresh_process("org/name", image_paths, tmp_path, {k: env[k] for k in ("HF_ENDPOINT",)} | {
-            "HF_HUB_OFFLINE": "0"})
+        # Downloads need no token (none is passed on); the test session's HF_HUB_OFFLINE=1 is lifted.
+        got = fresh_process("org/name", image_paths, tmp_path, {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0"})
     expected = processor.batch_decode(model.generate(**processor(images=image_paths)))
     assert got["captions"] == expected and got["itt_captions"] == expected
     assert got["pipe_list"] == [[{"generated_text": c}] for c in expected]
