@@ -9,8 +9,8 @@ extras = {
     "open_clip": ["open_clip_torch>=3.0", "torchvision"],
     # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) through the reference implementation.
     "evaluation": ["pycocoevalcap>=1.2"],
-    # torchvision is here so that both CLIP image-processor backends (PIL and torchvision) are tested.
-    "tests": ["pytest>=8", "torchvision"],
+    # torchvision: both CLIP image-processor backends are tested; open_clip: the conversion is tested.
+    "tests": ["pytest>=8", "torchvision", "open_clip_torch>=3.0"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 

@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_maccap import MacCapConfig
 from .pipeline_maccap import MacCapImageToTextPipeline
-from .processing_maccap import MacCapProcessor
+from .processing_maccap import MacCapProcessor, is_open_clip_spec, open_clip_conversion
 
 logger = logging.get_logger(__name__)
 
@@ -172,8 +172,13 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained_components(cls, clip, lm, freeze_clip=True, freeze_lm=True, dtype=None, **config_kwargs):
         """Assemble an untrained MacCap from a CLIP checkpoint and a causal-LM checkpoint (hub ids or folders).
-        `config_kwargs` set any `MacCapConfig` field. CLIP and the LM are frozen unless told otherwise."""
-        clip_model = CLIPModel.from_pretrained(clip, dtype=dtype)
+        `clip` may also be "open_clip:ARCH/TAG" (e.g. "open_clip:ViT-B-32/openai"; no TAG: open_clip's random
+        init), converted into the HF CLIP tower. `config_kwargs` set any `MacCapConfig` field. CLIP and the LM are
+        frozen unless told otherwise."""
+        if is_open_clip_spec(clip):
+            clip_model = open_clip_conversion().load_clip(clip, dtype=dtype)
+        else:
+            clip_model = CLIPModel.from_pretrained(clip, dtype=dtype)
         lm_model = AutoModelForCausalLM.from_pretrained(lm, dtype=dtype)
         for sub in (clip_model.config, clip_model.config.text_config, clip_model.config.vision_config,
                     lm_model.config):

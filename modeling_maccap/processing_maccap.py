@@ -1,5 +1,6 @@
 """MacCap processor: CLIP image processor, LM tokenizer (primary), CLIP tokenizer; caption cleaning."""
 
+import importlib
 import os
 import re
 
@@ -106,6 +107,20 @@ def _check_text(texts, what):
     return checked
 
 
+def is_open_clip_spec(clip):
+    return isinstance(clip, str) and clip.startswith("open_clip:")
+
+
+def open_clip_conversion():
+    """The installed maccap package's open_clip converter, for "open_clip:ARCH/TAG" specs. It is not remote code
+    (it needs open_clip_torch), so it is looked up by name and only when such a spec is given."""
+    try:
+        return importlib.import_module("modeling_maccap.open_clip_conversion")
+    except ImportError as error:
+        raise ImportError(f"open_clip CLIP specs need the maccap package with open_clip: "
+                          f"pip install 'maccap[open_clip]' ({error})") from None
+
+
 class MacCapProcessor(ProcessorMixin):
     r"""
     Images -> `pixel_values` plus the LM prompt (`input_ids`, left-padded, BOS first) for `generate`.
@@ -127,9 +142,14 @@ class MacCapProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained_components(cls, clip, lm, **kwargs):
-        """Build from a CLIP checkpoint (image processor, tokenizer) and a causal-LM checkpoint (tokenizer)."""
-        return cls(image_processor=AutoImageProcessor.from_pretrained(clip), tokenizer=AutoTokenizer.from_pretrained(lm),
-                   clip_tokenizer=AutoTokenizer.from_pretrained(clip), **kwargs)
+        """Build from a CLIP checkpoint (image processor, tokenizer) and a causal-LM checkpoint (tokenizer).
+        `clip` may also be an open_clip spec, "open_clip:ARCH/TAG": open_clip's preprocessing and tokenizer."""
+        if is_open_clip_spec(clip):
+            image_processor, clip_tokenizer = open_clip_conversion().load_processors(clip)
+        else:
+            image_processor, clip_tokenizer = AutoImageProcessor.from_pretrained(clip), AutoTokenizer.from_pretrained(clip)
+        return cls(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(lm),
+                   clip_tokenizer=clip_tokenizer, **kwargs)
 
     @property
     def model_input_names(self):
