@@ -99,6 +99,14 @@ def run_upload(args):
     return 0
 
 
+def run_convert_original(args):
+    from .convert_original import convert
+
+    convert(args.checkpoint, lm=args.lm, out=args.out, clip=args.clip)
+    print(f"converted {args.checkpoint} -> {args.out}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="maccap", description="MacCap zero-shot captioning")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -130,10 +138,18 @@ def build_parser():
     up.add_argument("--revision", help="branch to push to (created if missing; default: main)")
     up.add_argument("--commit-message", help="commit message (default: 'Upload MacCap checkpoint')")
     up.add_argument("--exist-ok", action="store_true", help="add a commit to a repo that already exists")
+
+    conv = commands.add_parser("convert-original", help="convert a checkpoint of the reference MacCap code")
+    conv.add_argument("checkpoint", help="checkpoint_last.pth written by the reference code (read weights-only)")
+    conv.add_argument("--lm", required=True, help="the LM it was trained with (Hub id or folder)")
+    conv.add_argument("--out", required=True, help="folder for the converted MacCap")
+    conv.add_argument("--clip", help="CLIP for checkpoints saved without clip_model.* weights (Hub id, folder or "
+                                     "open_clip:ARCH/TAG)")
     return parser
 
 
 def main(argv=None):
+    from .convert_original import ConversionError
     from .hub import UploadError
     from .hub_config import HubConfigError
     from .training import CaptionDataError
@@ -142,8 +158,9 @@ def main(argv=None):
     try:
         if args.command == "selfcheck":
             return selfcheck(args.out)
-        return {"train": run_train, "upload": run_upload}[args.command](args)
-    except (HubConfigError, UploadError, CaptionDataError) as error:
+        commands = {"train": run_train, "upload": run_upload, "convert-original": run_convert_original}
+        return commands[args.command](args)
+    except (HubConfigError, UploadError, CaptionDataError, ConversionError) as error:
         print(f"maccap {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -117,3 +117,12 @@ def test_a_vit_with_attentional_pooling_is_refused():
                                  {**cfg["text_cfg"], "layers": 1})
     with pytest.raises(ValueError, match="not a plain ViT with CLS pooling"):
         clip_model_from_open_clip(model)
+
+
+def test_without_the_converter_an_open_clip_spec_says_what_to_install(components, monkeypatch):
+    """Remote code never imports open_clip: it asks the installed maccap package for the converter, by name."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "modeling_maccap.open_clip_conversion", None)
+    with pytest.raises(ImportError, match=r"pip install 'maccap\[open_clip\]'"):
+        MacCapProcessor.from_pretrained_components(clip="open_clip:ViT-B-32", lm=components[1])

@@ -1,0 +1,226 @@
+"""Convert a checkpoint of the reference MacCap code (github Artanic30/MacCap, `checkpoint_last.pth`) into a
+MacCap folder (not remote code).
+
+The reference saves `{"model": state_dict, "optimizer", "lr_scheduler", "epoch", "args"}` where the state dict holds
+`clip_model.*` (OpenAI CLIP layout), `model.*` (the Hugging Face LM), `query_fusion` (the queries), `aligner` (a
+DETR decoder) and `align_proj` (the MLP). Frozen parts may have been left out; they then come from `--clip` /
+`--lm`. The file is read with `torch.load(weights_only=True)`: tensors, containers and argparse.Namespace only.
+"""
+
+import argparse
+import logging
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPModel
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_PREFIXES = ("query_fusion.", "aligner.", "align_proj.")
+# Also in the reference state dict, not needed: the LM's input embeddings a second time (`llm_vocab`), the VQA
+# prompt embeddings, DeCap's memory bank.
+IGNORED = ("llm_vocab.weight", "question_embed", "memory_bank")
+# Attention-mask buffers that transformers 4.x GPT-2 kept in its state dict.
+OLD_LM_BUFFERS = re.compile(r".*\.attn\.(bias|masked_bias)$")
+REFERENCE_HEADS = 8  # TransformerDecoderLayer(prefix_size, 8) in the reference code
+REFERENCE_DROPOUT = 0.1
+
+
+class ConversionError(ValueError):
+    """The checkpoint cannot be converted; the message lists what is wrong."""
+
+
+def _listing(keys, limit=20):
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_reference_checkpoint(path):
+    """(state dict, args dict) of a reference checkpoint, read with weights_only=True."""
+    if not Path(path).is_file():
+        raise ConversionError(f"{path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ConversionError(f"cannot read {path} as a PyTorch checkpoint: not a file written by torch.save")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, AttributeError) as error:
+        lines = str(error).splitlines()
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+        raise ConversionError(f"{path} holds objects that weights-only loading refuses (maccap never unpickles "
+                              f"arbitrary objects): {reason}") from None
+    except (OSError, RuntimeError, EOFError) as error:
+        raise ConversionError(f"cannot read {path} as a PyTorch checkpoint: {error}") from None
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ConversionError(f"{path} is not a reference MacCap checkpoint: no state dict of tensors under 'model'")
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return state, (vars(args) if isinstance(args, argparse.Namespace) else {})
+
+
+def split_state(state):
+    """{"projector", "clip", "lm"} sub-state dicts without their prefixes; unknown keys are an error."""
+    parts = {"projector": {}, "clip": {}, "lm": {}}
+    unknown = []
+    for key, value in state.items():
+        if key.startswith(PROJECTOR_PREFIXES):
+            parts["projector"][key] = value
+        elif key.startswith("clip_model."):
+            parts["clip"][key[len("clip_model."):]] = value
+        elif key.startswith("model."):
+            parts["lm"][key[len("model."):]] = value
+        elif key not in IGNORED:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(f"unknown keys in the checkpoint: {_listing(unknown)}")
+    if not parts["projector"]:
+        raise ConversionError("the checkpoint has no query_fusion / aligner / align_proj weights: not a MacCap checkpoint")
+    return parts
+
+
+# Reference projector key -> MacCapProjector key, as (pattern, replacement) pairs applied in order; and back.
+RENAMES = [(r"^query_fusion\.", "queries."), (r"^aligner\.layers\.(\d+)\.multihead_attn\.", r"layers.\1.cross_attn."),
+           (r"^aligner\.", ""), (r"^align_proj\.layers\.", "mlp.")]
+INVERSE = [(r"^queries\.", "query_fusion."), (r"^layers\.(\d+)\.cross_attn\.", r"aligner.layers.\1.multihead_attn."),
+           (r"^(layers|norm)\.", r"aligner.\1."), (r"^mlp\.", "align_proj.layers.")]
+
+
+def _rename(key, rules):
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def reference_key(key):
+    """A MacCapProjector key under its reference name."""
+    return _rename(key, INVERSE)
+
+
+def projector_state_dict(reference):
+    """Reference projector weights under `MacCapProjector` keys."""
+    return {_rename(key, RENAMES): value for key, value in reference.items()}
+
+
+def reference_settings(projector, args):
+    """MacCapConfig fields from the projector's shapes and the reference's training arguments."""
+    for key in ("query_fusion.weight", "aligner.layers.0.linear1.weight", "align_proj.layers.0.weight"):
+        if key not in projector:
+            raise ConversionError(f"the projector weights do not fit: missing {key}")
+    layers = {int(k.split(".")[2]) for k in projector if k.startswith("aligner.layers.")}
+    if args.get("noise_type", "gaussian") != "gaussian":
+        raise ConversionError(f"noise_type {args['noise_type']!r} was used in training; MacCap injects Gaussian noise")
+    return dict(
+        num_queries=projector["query_fusion.weight"].shape[0],
+        aligner_layers=len(layers),
+        aligner_heads=REFERENCE_HEADS,
+        aligner_ffn_dim=projector["aligner.layers.0.linear1.weight"].shape[0],
+        aligner_dropout=REFERENCE_DROPOUT,
+        num_subregions=args.get("train_seq_length", 10),
+        train_noise_variance=args.get("noise_variance", 0.016),
+        inference_noise_variance=args.get("noise_k", 0.016),
+        patch_weight=args.get("infer_patch_weight", 1.0),
+    )
+
+
+class _KeyRecorder(dict):
+    """A state dict that remembers which keys were read, to find the ones a conversion left unused."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.used = set()
+
+    def __getitem__(self, key):
+        self.used.add(key)
+        return super().__getitem__(key)
+
+
+def _clip_parts(weights, clip):
+    """(CLIPModel, image processor, CLIP tokenizer) from the checkpoint's own CLIP weights or from `clip`."""
+    from transformers import AutoImageProcessor
+
+    from . import open_clip_conversion as oc
+
+    if weights and clip:
+        raise ConversionError("the checkpoint holds its own CLIP weights (clip_model.*); leave out --clip")
+    if not weights:
+        if not clip:
+            raise ConversionError("the checkpoint holds no CLIP weights (clip_model.*): pass --clip, e.g. "
+                                  "openai/clip-vit-base-patch32 or open_clip:ViT-B-32/openai")
+        if clip.startswith(oc.PREFIX):
+            return (oc.load_clip(clip), *oc.load_processors(clip))
+        return CLIPModel.from_pretrained(clip), AutoImageProcessor.from_pretrained(clip), AutoTokenizer.from_pretrained(clip)
+    recorder = _KeyRecorder(weights)
+    try:  # OpenAI's CLIP: QuickGELU and width / 64 heads; its preprocessing and its BPE vocabulary
+        model = oc.clip_model_from_state_dict(recorder)
+    except KeyError as error:
+        raise ConversionError(f"the checkpoint's CLIP weights are incomplete: missing clip_model.{error.args[0]}") from None
+    unused = set(weights) - recorder.used
+    if unused:
+        raise ConversionError(f"unknown CLIP keys in the checkpoint: {_listing('clip_model.' + k for k in unused)}")
+    image_processor = oc.image_processor_from_preprocess_cfg(dict(size=model.config.vision_config.image_size,
+                                                                  mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD))
+    return model, image_processor, oc.clip_tokenizer()
+
+
+def _load_lm(lm, weights):
+    model = AutoModelForCausalLM.from_pretrained(lm)
+    if weights:
+        weights = {k: v for k, v in weights.items() if not OLD_LM_BUFFERS.match(k)}
+        result = model.load_state_dict(weights, strict=False)
+        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing or result.unexpected_keys:
+            raise ConversionError(f"the checkpoint's LM weights (model.*) do not fit {lm}: missing "
+                                  f"{_listing(missing) or 'none'}; unexpected {_listing(result.unexpected_keys) or 'none'}")
+    return model
+
+
+def convert(checkpoint, lm, out=None, clip=None):
+    """Convert a reference checkpoint. `lm`: the LM it was trained with (Hub id or folder: architecture and
+    tokenizer; its weights where the checkpoint has none); `clip`: only for checkpoints without CLIP weights.
+    Saves to `out` when given. Returns the `MacCapForConditionalGeneration` (with `.processor`)."""
+    from .configuration_maccap import MacCapConfig
+    from .modeling_maccap import MacCapForConditionalGeneration
+    from .processing_maccap import MacCapProcessor
+
+    state, args = load_reference_checkpoint(checkpoint)
+    parts = split_state(state)
+    clip_model, image_processor, clip_tokenizer = _clip_parts(parts["clip"], clip)
+    lm_model = _load_lm(lm, parts["lm"])
+    settings = reference_settings(parts["projector"], args)
+
+    width = parts["projector"]["query_fusion.weight"].shape[1]
+    if width != clip_model.config.projection_dim:
+        raise ConversionError(f"the projector is {width} wide but the CLIP joint space is "
+                              f"{clip_model.config.projection_dim}: the checkpoint was trained with another CLIP")
+    mlp = sorted((k for k in parts["projector"] if re.fullmatch(r"align_proj\.layers\.\d+\.weight", k)),
+                 key=lambda k: int(k.split(".")[2]))
+    out_features, hidden = parts["projector"][mlp[-1]].shape[0], lm_model.get_input_embeddings().embedding_dim
+    if out_features != hidden:
+        raise ConversionError(f"the projector outputs {out_features} features but {lm} has {hidden}: pass the LM it "
+                              "was trained with")
+
+    for sub in (clip_model.config, clip_model.config.text_config, clip_model.config.vision_config, lm_model.config):
+        sub._name_or_path = ""
+    config = MacCapConfig(clip_config=clip_model.config, text_config=lm_model.config, **settings)
+    model = MacCapForConditionalGeneration(config, clip=clip_model, language_model=lm_model)
+    result = model.projector.load_state_dict(projector_state_dict(parts["projector"]), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConversionError(
+            f"the projector weights do not fit: missing {_listing(map(reference_key, result.missing_keys)) or 'none'}; "
+            f"unexpected {_listing(map(reference_key, result.unexpected_keys)) or 'none'}")
+    model.requires_grad_(False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(lm)
+    if not tokenizer("")["input_ids"]:
+        logger.warning(f"{lm}'s tokenizer adds no BOS token: the reference code trained and prompted this LM with "
+                       "nothing after the prefix, while MacCap puts BOS there; captions can differ from the reference's")
+    model.processor = MacCapProcessor(image_processor=image_processor, tokenizer=tokenizer, clip_tokenizer=clip_tokenizer)
+    if out is not None:
+        model.save_pretrained(out)
+        model.processor.save_pretrained(out)
+    return model
