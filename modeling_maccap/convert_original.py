@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 logger = logging.getLogger(__name__)
@@ -139,23 +139,13 @@ class _KeyRecorder(dict):
         return super().__getitem__(key)
 
 
-def _clip_parts(weights, clip):
-    """(CLIPModel, image processor, CLIP tokenizer) from the checkpoint's own CLIP weights or from `clip`."""
-    from transformers import AutoImageProcessor
-
+def _checkpoint_clip(weights):
+    """(CLIPModel, image processor, CLIP tokenizer) of the checkpoint's own OpenAI CLIP: QuickGELU, width / 64
+    heads, OpenAI's preprocessing and BPE vocabulary."""
     from . import open_clip_conversion as oc
 
-    if weights and clip:
-        raise ConversionError("the checkpoint holds its own CLIP weights (clip_model.*); leave out --clip")
-    if not weights:
-        if not clip:
-            raise ConversionError("the checkpoint holds no CLIP weights (clip_model.*): pass --clip, e.g. "
-                                  "openai/clip-vit-base-patch32 or open_clip:ViT-B-32/openai")
-        if clip.startswith(oc.PREFIX):
-            return (oc.load_clip(clip), *oc.load_processors(clip))
-        return CLIPModel.from_pretrained(clip), AutoImageProcessor.from_pretrained(clip), AutoTokenizer.from_pretrained(clip)
     recorder = _KeyRecorder(weights)
-    try:  # OpenAI's CLIP: QuickGELU and width / 64 heads; its preprocessing and its BPE vocabulary
+    try:
         model = oc.clip_model_from_state_dict(recorder)
     except KeyError as error:
         raise ConversionError(f"the checkpoint's CLIP weights are incomplete: missing clip_model.{error.args[0]}") from None
@@ -184,13 +174,22 @@ def convert(checkpoint, lm, out=None, clip=None):
     """Convert a reference checkpoint. `lm`: the LM it was trained with (Hub id or folder: architecture and
     tokenizer; its weights where the checkpoint has none); `clip`: only for checkpoints without CLIP weights.
     Saves to `out` when given. Returns the `MacCapForConditionalGeneration` (with `.processor`)."""
-    from .configuration_maccap import MacCapConfig
-    from .modeling_maccap import MacCapForConditionalGeneration
+    from .modeling_maccap import MacCapForConditionalGeneration, load_clip_model
     from .processing_maccap import MacCapProcessor
 
     state, args = load_reference_checkpoint(checkpoint)
     parts = split_state(state)
-    clip_model, image_processor, clip_tokenizer = _clip_parts(parts["clip"], clip)
+    if parts["clip"] and clip:
+        raise ConversionError("the checkpoint holds its own CLIP weights (clip_model.*); leave out --clip")
+    if parts["clip"]:
+        clip_model, image_processor, clip_tokenizer = _checkpoint_clip(parts["clip"])
+        processor = MacCapProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(lm),
+                                    clip_tokenizer=clip_tokenizer)
+    elif clip:
+        clip_model, processor = load_clip_model(clip), MacCapProcessor.from_pretrained_components(clip=clip, lm=lm)
+    else:
+        raise ConversionError("the checkpoint holds no CLIP weights (clip_model.*): pass --clip, e.g. "
+                              "openai/clip-vit-base-patch32 or open_clip:ViT-B-32/openai")
     lm_model = _load_lm(lm, parts["lm"])
     settings = reference_settings(parts["projector"], args)
 
@@ -205,21 +204,17 @@ def convert(checkpoint, lm, out=None, clip=None):
         raise ConversionError(f"the projector outputs {out_features} features but {lm} has {hidden}: pass the LM it "
                               "was trained with")
 
-    for sub in (clip_model.config, clip_model.config.text_config, clip_model.config.vision_config, lm_model.config):
-        sub._name_or_path = ""
-    config = MacCapConfig(clip_config=clip_model.config, text_config=lm_model.config, **settings)
-    model = MacCapForConditionalGeneration(config, clip=clip_model, language_model=lm_model)
+    model = MacCapForConditionalGeneration.from_components(clip_model, lm_model, **settings)
     result = model.projector.load_state_dict(projector_state_dict(parts["projector"]), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ConversionError(
             f"the projector weights do not fit: missing {_listing(map(reference_key, result.missing_keys)) or 'none'}; "
             f"unexpected {_listing(map(reference_key, result.unexpected_keys)) or 'none'}")
     model.requires_grad_(False).eval()
-    tokenizer = AutoTokenizer.from_pretrained(lm)
-    if not tokenizer("")["input_ids"]:
+    if not processor.tokenizer("")["input_ids"]:
         logger.warning(f"{lm}'s tokenizer adds no BOS token: the reference code trained and prompted this LM with "
                        "nothing after the prefix, while MacCap puts BOS there; captions can differ from the reference's")
-    model.processor = MacCapProcessor(image_processor=image_processor, tokenizer=tokenizer, clip_tokenizer=clip_tokenizer)
+    model.processor = processor
     if out is not None:
         model.save_pretrained(out)
         model.processor.save_pretrained(out)

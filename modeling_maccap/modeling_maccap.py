@@ -133,6 +133,13 @@ class MacCapProjector(nn.Module):
         return x
 
 
+def load_clip_model(clip, dtype=None):
+    """A `CLIPModel` from a Hub id or folder, or from "open_clip:ARCH/TAG" (converted; needs maccap[open_clip])."""
+    if is_open_clip_spec(clip):
+        return open_clip_conversion().load_clip(clip, dtype=dtype)
+    return CLIPModel.from_pretrained(clip, dtype=dtype)
+
+
 class MacCapPreTrainedModel(PreTrainedModel):
     config: MacCapConfig
     config_class = MacCapConfig
@@ -170,21 +177,22 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
 
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
+    def from_components(cls, clip_model, language_model, **config_kwargs):
+        """Assemble a MacCap around a built `CLIPModel` and causal LM; `config_kwargs` set `MacCapConfig` fields."""
+        for sub in (clip_model.config, clip_model.config.text_config, clip_model.config.vision_config,
+                    language_model.config):
+            sub._name_or_path = ""  # don't leak local paths of the components into config.json
+        config = MacCapConfig(clip_config=clip_model.config, text_config=language_model.config, **config_kwargs)
+        return cls(config, clip=clip_model, language_model=language_model)
+
+    @classmethod
     def from_pretrained_components(cls, clip, lm, freeze_clip=True, freeze_lm=True, dtype=None, **config_kwargs):
         """Assemble an untrained MacCap from a CLIP checkpoint and a causal-LM checkpoint (hub ids or folders).
         `clip` may also be "open_clip:ARCH/TAG" (e.g. "open_clip:ViT-B-32/openai"; no TAG: open_clip's random
         init), converted into the HF CLIP tower. `config_kwargs` set any `MacCapConfig` field. CLIP and the LM are
         frozen unless told otherwise."""
-        if is_open_clip_spec(clip):
-            clip_model = open_clip_conversion().load_clip(clip, dtype=dtype)
-        else:
-            clip_model = CLIPModel.from_pretrained(clip, dtype=dtype)
-        lm_model = AutoModelForCausalLM.from_pretrained(lm, dtype=dtype)
-        for sub in (clip_model.config, clip_model.config.text_config, clip_model.config.vision_config,
-                    lm_model.config):
-            sub._name_or_path = ""  # don't leak local paths of the components into config.json
-        config = MacCapConfig(clip_config=clip_model.config, text_config=lm_model.config, **config_kwargs)
-        model = cls(config, clip=clip_model, language_model=lm_model)
+        model = cls.from_components(load_clip_model(clip, dtype=dtype),
+                                    AutoModelForCausalLM.from_pretrained(lm, dtype=dtype), **config_kwargs)
         if dtype is not None:
             model.projector.to(dtype)
         model.clip.requires_grad_(not freeze_clip)
