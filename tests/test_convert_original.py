@@ -138,6 +138,11 @@ def save_checkpoint(path, state, args=None):
     return path
 
 
+def projector_only(reference):
+    """The reference state dict without its frozen parts (CLIP, LM), as a checkpoint may be saved."""
+    return {k: v for k, v in reference.state_dict().items() if k.startswith(("query_fusion", "aligner", "align_proj"))}
+
+
 @pytest.fixture(scope="module")
 def checkpoint(reference, tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("reference") / "checkpoint_last.pth", reference.state_dict())
@@ -202,9 +207,7 @@ def test_frozen_parts_may_be_absent(reference, lm_dir, tmp_path):
     clip_model_from_open_clip(reference.clip_model).save_pretrained(clip_dir)
     image_processor_from_preprocess_cfg(dict(size=32, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)).save_pretrained(clip_dir)
     clip_tokenizer().save_pretrained(clip_dir)
-    projector_only = {k: v for k, v in reference.state_dict().items() if k.startswith(("query_fusion", "aligner",
-                                                                                       "align_proj"))}
-    path = save_checkpoint(tmp_path / "projector.pth", projector_only)
+    path = save_checkpoint(tmp_path / "projector.pth", projector_only(reference))
     model = convert(path, lm=str(lm_dir), clip=str(clip_dir)).eval()
     pixel_values = model.processor(images=[random_image(60)])["pixel_values"]
     noise = torch.randn(1, K, 64) * 0.1
@@ -247,9 +250,7 @@ def test_unknown_and_missing_keys_are_listed(reference, lm_dir, tmp_path, capsys
 def test_wrong_lm_and_wrong_clip_are_named(reference, checkpoint, components, lm_dir, tmp_path, capsys):
     err = _converted_error(checkpoint, components[1], capsys)  # the tiny GPT-2, not the OPT it was trained with
     assert "the checkpoint's LM weights (model.*) do not fit" in err and "missing transformer.h.0." in err
-    projector_only = {k: v for k, v in reference.state_dict().items() if k.startswith(("query_fusion", "aligner",
-                                                                                       "align_proj"))}
-    path = save_checkpoint(tmp_path / "p.pth", projector_only)
+    path = save_checkpoint(tmp_path / "p.pth", projector_only(reference))
     err = _converted_error(path, lm_dir, capsys, "--clip", components[0])  # a CLIP with a 16-wide joint space
     assert "the projector is 64 wide but the CLIP joint space is 16" in err
 
