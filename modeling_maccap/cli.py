@@ -64,18 +64,42 @@ def selfcheck(out_dir):
     return 0
 
 
+def _argument_overrides(settings):
+    """`--set NAME=VALUE` pairs (VALUE read as JSON, else as a string) -> TrainingArguments overrides."""
+    from .hub_config import HubConfigError
+
+    overrides = {}
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            raise HubConfigError(f"--set {setting!r}: expected NAME=VALUE, e.g. gradient_accumulation_steps=4")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name] = value
+    return overrides
+
+
 def run_train(args):
-    from .hub_config import load_hub_config
+    from .hub_config import check_training_arguments, load_hub_config
     from .training import train
 
     hub_config = load_hub_config(args.hub_config)
-    if args.captions:  # another corpus in place of the hub config's
-        dataset = {"file": str(Path(args.captions).resolve())}
+    if args.captions:  # another corpus in place of the hub config's: a file, or else a Hub dataset id
+        path = Path(args.captions)
+        dataset = {"file": str(path.resolve())} if path.exists() or path.suffix else {
+            "hub_id": args.captions, "split": args.caption_split}
         dataset.update({k: v for k, v in (("column", args.caption_column),
                                            ("validation_fraction", args.validation_fraction)) if v is not None})
         hub_config = dataclasses.replace(hub_config, dataset=dataset)
+    if args.set:
+        arguments = {**hub_config.training_arguments, **_argument_overrides(args.set)}
+        check_training_arguments("--set", arguments)
+        hub_config = dataclasses.replace(hub_config, training_arguments=arguments)
     output_dir = args.output_dir or Path("checkpoints") / hub_config.repo_id.split("/")[-1]
-    train(hub_config, output_dir, clip=args.clip, lm=args.lm, max_steps=args.max_steps, precision=args.precision)
+    train(hub_config, output_dir, clip=args.clip, lm=args.lm, max_steps=args.max_steps, precision=args.precision,
+          finetune_lm=args.finetune_lm or None, resume=args.resume, feature_cache=not args.no_feature_cache,
+          cache_dir=args.feature_cache_dir, push_to_hub=args.push_to_hub)
     print(f"trained {hub_config.model_name}: {output_dir}")
     return 0
 
@@ -118,13 +142,26 @@ def build_parser():
     fit.add_argument("--output-dir", help="where the trained model goes (default: checkpoints/<repo name>)")
     fit.add_argument("--clip", help="CLIP checkpoint instead of the hub config's (Hub id or local folder)")
     fit.add_argument("--lm", help="causal LM checkpoint instead of the hub config's (Hub id or local folder)")
-    fit.add_argument("--captions", help="caption file instead of the hub config's corpus (.json list, .jsonl, .csv, "
-                                        ".parquet, .txt)")
+    fit.add_argument("--captions", help="corpus instead of the hub config's: a caption file (.json list, .jsonl, "
+                                        ".csv, .parquet, .txt) or a Hub dataset id")
     fit.add_argument("--caption-column", help="column of --captions holding the captions")
+    fit.add_argument("--caption-split", default="train", help="split of a Hub dataset --captions (default: %(default)s)")
     fit.add_argument("--validation-fraction", type=float, help="fraction of --captions held out for the eval loss")
     fit.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    fit.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="override a TrainingArguments value of the hub config, e.g. gradient_accumulation_steps=4 "
+                          "(repeatable; VALUE is read as JSON)")
     fit.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                      help="mixed precision; auto = bf16 (or fp16) on a GPU, fp32 on CPU (default: %(default)s)")
+    fit.add_argument("--finetune-lm", action="store_true", help="also train the LM (default: the hub config's "
+                                                                 "finetune_lm; the projector alone)")
+    fit.add_argument("--resume", action="store_true", help="continue from the last checkpoint-N in --output-dir")
+    fit.add_argument("--no-feature-cache", action="store_true",
+                     help="run the CLIP text tower at every step instead of caching the corpus's features once")
+    fit.add_argument("--feature-cache-dir", help="where cached CLIP text features live (default: under datasets' "
+                                                 "cache, HF_DATASETS_CACHE/maccap_text_features)")
+    fit.add_argument("--push-to-hub", metavar="ORG/NAME", help="when done, stage the model (card included) and push "
+                                                               "it as `maccap upload` does")
 
     up = commands.add_parser("upload", help="stage a trained checkpoint as a Hub repo (model card included) and push it")
     up.add_argument("checkpoint", help="the trained model folder (safetensors weights and processor files)")
@@ -152,7 +189,7 @@ def main(argv=None):
     from .convert_original import ConversionError
     from .hub import UploadError
     from .hub_config import HubConfigError
-    from .training import CaptionDataError
+    from .training import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
@@ -160,7 +197,7 @@ def main(argv=None):
             return selfcheck(args.out)
         commands = {"train": run_train, "upload": run_upload, "convert-original": run_convert_original}
         return commands[args.command](args)
-    except (HubConfigError, UploadError, CaptionDataError, ConversionError) as error:
+    except (HubConfigError, UploadError, TrainingError, ConversionError) as error:
         print(f"maccap {args.command}: error: {error}", file=sys.stderr)
         return 2
 

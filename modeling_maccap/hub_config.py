@@ -67,7 +67,7 @@ def _json_type_ok(value, annotation):
     return False
 
 
-def _check_training_arguments(path, arguments):
+def check_training_arguments(path, arguments):
     """TrainingArguments does not check types itself: do it from its annotations, then let it check values."""
     from transformers import TrainingArguments
 
@@ -109,7 +109,7 @@ def load_hub_config(path):
         raise HubConfigError(f"{path}: {_field_path(error)}: {message}")
 
     arguments = data["training"]["arguments"]
-    _check_training_arguments(path, arguments)
+    check_training_arguments(path, arguments)
     if data["dataset"].get("validation_split") and "file" in data["dataset"]:
         raise HubConfigError(f"{path}: dataset.validation_split: only for a Hub dataset; use validation_fraction")
 

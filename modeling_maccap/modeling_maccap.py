@@ -411,7 +411,7 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         """CLIP cosine between each caption and its image embedding, in one CLIP text call at the captions' real
         length (padded to the longest, not to CLIP's context)."""
         processor = processor or self.processor
-        tokens = processor.clip_tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+        tokens = processor.clip_text_inputs(captions)
         text = self.get_text_embeds(tokens["input_ids"], tokens["attention_mask"])
         return (text * image_embeds.to(text.device)).sum(-1)
 

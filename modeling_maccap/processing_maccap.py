@@ -192,11 +192,20 @@ class MacCapProcessor(ProcessorMixin):
         input_ids, attention_mask = self._pad(ids, side="right")
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         labels[:, 0] = -100  # BOS is given, not predicted
-        clip = self.clip_tokenizer([c.strip() for c in captions], padding=True, truncation=True,
-                                   max_length=min(self.clip_tokenizer.model_max_length, 77), return_tensors="pt")
+        clip = self.clip_text_inputs(captions)
         return BatchFeature({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                              "clip_input_ids": clip["input_ids"], "clip_attention_mask": clip["attention_mask"]},
                             tensor_type=return_tensors)
+
+    @property
+    def clip_context_length(self):
+        return min(self.clip_tokenizer.model_max_length, 77)
+
+    def clip_text_inputs(self, texts):
+        """CLIP tokens of `texts` (stripped, padded to the longest, cut at the CLIP context), as the CLIP text tower
+        sees captions in training, in the feature cache and in reranking."""
+        return self.clip_tokenizer([t.strip() for t in texts], padding=True, truncation=True,
+                                   max_length=self.clip_context_length, return_tensors="pt")
 
     def _pad(self, ids, side):
         width = max(len(row) for row in ids)

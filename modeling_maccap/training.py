@@ -1,23 +1,31 @@
 """Text-only training of the MacCap projector with the transformers Trainer (not shipped as remote code).
 
-`train(hub_config, output_dir)` loads the variant's components and caption corpus, trains, and writes a folder
-that `AutoModel.from_pretrained(..., trust_remote_code=True)` and `pipeline("image-to-text")` load.
+`train(hub_config, output_dir)` loads the variant's components and caption corpus, caches the corpus's CLIP text
+features once, trains, and writes a folder that `AutoModel.from_pretrained(..., trust_remote_code=True)` and
+`pipeline("image-to-text")` load. Under `torchrun` or `accelerate launch` the same call trains data-parallel.
 """
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 
 import torch
+from transformers import Trainer
 
 from .hub_config import HubConfigError
 
 logger = logging.getLogger(__name__)
 
 CAPTION_BUILDERS = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+FEATURE_COLUMN = "clip_text_embeds"
 
 
-class CaptionDataError(ValueError):
+class TrainingError(ValueError):
+    """A training run that cannot start or go on: the message says what is wrong and what to do."""
+
+
+class CaptionDataError(TrainingError):
     """A caption corpus that cannot be read: the message names the file or dataset and what is wrong."""
 
 
@@ -51,39 +59,48 @@ def _read_corpus(spec):
         raise CaptionDataError(f"cannot read {where}: {error}") from None
 
 
-def load_captions(spec):
+def load_captions(spec, tokenizer=None, max_tokens=None):
     """A `datasets.Dataset` with one string column "caption" from a dataset spec (a hub config's `dataset`).
-    A column may hold one caption or a list of captions per row; empty, whitespace-only and non-string values
-    are dropped and counted in the log."""
+    A column may hold one caption or a list of captions per row; empty, whitespace-only and non-string values,
+    and with a `tokenizer`, captions longer than `max_tokens` of its tokens, are dropped and counted in the log."""
     dataset, where = _read_corpus(spec)
     column = spec.get("column") or ("text" if Path(spec.get("file", "")).suffix == ".txt" else "caption")
     if column not in dataset.column_names:
         raise CaptionDataError(f"{where} has no column {column!r} (columns: {', '.join(dataset.column_names)})")
-    seen = [0]
+    counts = {"seen": 0, "empty": 0}
 
     def clean(batch):
         values = [v for row in batch[column] for v in (row if isinstance(row, list) else [row])]
-        seen[0] += len(values)
-        return {"caption": [v.strip() for v in values if isinstance(v, str) and v.strip()]}
+        kept = [v.strip() for v in values if isinstance(v, str) and v.strip()]
+        counts["seen"] += len(values)
+        counts["empty"] += len(values) - len(kept)
+        if tokenizer is not None and kept:
+            lengths = [len(ids) for ids in tokenizer(kept, add_special_tokens=False)["input_ids"]]
+            kept = [caption for caption, length in zip(kept, lengths) if length <= max_tokens]
+        return {"caption": kept}
 
     # Not from datasets' cache: `clean` must run to count what it drops.
     captions = dataset.map(clean, batched=True, remove_columns=dataset.column_names, load_from_cache_file=False,
                            desc="reading captions")
-    dropped = seen[0] - len(captions)
-    logger.warning(f"{where}: {len(captions)} captions" + (f", {dropped} empty or non-string dropped" if dropped else ""))
+    long = counts["seen"] - counts["empty"] - len(captions)
+    dropped = [f"{counts['empty']} empty or non-string dropped"] if counts["empty"] else []
+    dropped += [f"{long} longer than {max_tokens} tokens dropped"] if long else []
+    logger.warning(", ".join([f"{where}: {len(captions)} captions", *dropped]))
     if len(captions) == 0:
         raise CaptionDataError(f"{where}: no usable caption in column {column!r}")
     return captions
 
 
-def split_corpus(hub_config):
-    """(train, eval) caption datasets of a hub config's corpus; eval is None without a held-out part."""
+def split_corpus(hub_config, tokenizer=None):
+    """(train, eval) caption datasets of a hub config's corpus; eval is None without a held-out part. With the LM
+    `tokenizer`, captions longer than the hub config's `max_caption_length` tokens are dropped."""
     spec = hub_config.dataset
     file = hub_config.dataset_file()
-    train = load_captions({**spec, "file": str(file)} if file else spec)
+    limit = {"tokenizer": tokenizer, "max_tokens": hub_config.max_caption_length}
+    train = load_captions({**spec, "file": str(file)} if file else spec, **limit)
     evaluation = None
     if spec.get("validation_split"):
-        evaluation = load_captions({**spec, "split": spec["validation_split"]})
+        evaluation = load_captions({**spec, "split": spec["validation_split"]}, **limit)
     elif spec.get("validation_fraction"):
         seed = hub_config.training_arguments.get("seed", 42)
         parts = train.train_test_split(test_size=spec["validation_fraction"], seed=seed)
@@ -91,14 +108,111 @@ def split_corpus(hub_config):
     return train, evaluation
 
 
+# ------------------------------------------------------------------------------------------ CLIP feature cache
+def corpus_fingerprint(captions):
+    """A digest of the caption strings themselves, so the same corpus hits the cache whatever file it came from."""
+    digest = hashlib.blake2b(digest_size=16)
+    for batch in captions.iter(batch_size=10_000):
+        for caption in batch["caption"]:
+            data = caption.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def clip_text_fingerprint(model, processor):
+    """A digest of everything a caption's CLIP text embedding depends on: the CLIP tokenizer, the CLIP context
+    length and the text tower's weights (names, dtypes, shapes, bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    tokenizer = processor.clip_tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # The last call's padding and truncation settings live in the backend too: they do not change a feature.
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+    else:
+        state = sorted(tokenizer.get_vocab().items())
+    digest.update(json.dumps(state, sort_keys=True).encode("utf-8"))
+    digest.update(str(processor.clip_context_length).encode())
+    tower = {**{f"text_model.{k}": v for k, v in model.clip.text_model.state_dict().items()},
+             **{f"text_projection.{k}": v for k, v in model.clip.text_projection.state_dict().items()}}
+    for name in sorted(tower):
+        tensor = tower[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def cache_text_features(captions, model, processor, cache_dir, batch_size=256):
+    """`captions` plus a column of their L2-normalised CLIP text embeddings (float32), computed once per (corpus,
+    CLIP text tower) and kept by datasets as an Arrow file in `cache_dir`: a rerun, or another run on the same
+    corpus and CLIP, reads the file and never runs the text tower. Noise is not part of it: it is drawn per step."""
+    fingerprint = hashlib.blake2b(
+        f"{corpus_fingerprint(captions)}:{clip_text_fingerprint(model, processor)}".encode(), digest_size=16).hexdigest()
+    cache_file = Path(cache_dir) / f"clip-text-features-{fingerprint}.arrow"
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def embed(batch):
+        tokens = processor.clip_text_inputs(batch["caption"])
+        with torch.no_grad():
+            features = model.get_text_embeds(tokens["input_ids"], tokens["attention_mask"])
+        return {FEATURE_COLUMN: features.cpu().numpy()}
+
+    training = model.clip.training
+    model.clip.eval()
+    try:
+        # datasets writes to a temporary file and renames it when done: a killed run leaves no half cache.
+        features = captions.map(embed, batched=True, batch_size=batch_size, cache_file_name=str(cache_file),
+                                new_fingerprint=fingerprint, load_from_cache_file=True, desc="CLIP text features")
+    finally:
+        model.clip.train(training)
+    return features.with_format("torch", columns=[FEATURE_COLUMN], output_all_columns=True)
+
+
 class CaptionCollator:
-    """Caption strings -> a text-only training batch (LM tokens and labels, CLIP tokens) through the processor."""
+    """Caption rows -> a text-only training batch through the processor: LM tokens and labels, and either the
+    cached CLIP text embeddings of the rows or CLIP tokens for the model to encode."""
 
     def __init__(self, processor):
         self.processor = processor
 
     def __call__(self, rows):
-        return dict(self.processor(text=[row["caption"] for row in rows]))
+        batch = dict(self.processor(text=[row["caption"] for row in rows]))
+        if FEATURE_COLUMN in rows[0]:
+            del batch["clip_input_ids"], batch["clip_attention_mask"]
+            batch[FEATURE_COLUMN] = torch.stack([torch.as_tensor(row[FEATURE_COLUMN]) for row in rows])
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------- training
+def token_accuracy_counts(logits, labels):
+    """(correct, scored) next-token predictions: position t's argmax against label t+1, where it is scored."""
+    labels = labels[:, 1:].to(logits.device)
+    scored = labels != -100
+    correct = (logits[:, :-1].argmax(-1) == labels) & scored
+    return torch.stack([correct.sum(), scored.sum()]).double()
+
+
+class MacCapTrainer(Trainer):
+    """The Trainer, logging the token accuracy (`token_accuracy`, `eval_token_accuracy`) beside each loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._token_counts = {}  # "loss" (training) / "eval_loss" -> (correct, scored) since the last log
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        key = "loss" if model.training else "eval_loss"
+        counts = token_accuracy_counts(outputs.logits.detach(), inputs["labels"])
+        self._token_counts[key] = self._token_counts.get(key, 0) + counts
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        for key in ("loss", "eval_loss"):
+            if key in logs and key in self._token_counts:
+                # Every process logs at the same step, so the counts can be summed across them here.
+                correct, scored = self.accelerator.reduce(self._token_counts.pop(key), reduction="sum").tolist()
+                logs[key.replace("loss", "token_accuracy")] = correct / max(scored, 1)
+        super().log(logs, start_time)
 
 
 def _precision(name):
@@ -109,42 +223,90 @@ def _precision(name):
     return {"fp32": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}}[name]
 
 
-def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precision="auto"):
-    """Train the variant described by `hub_config` (a `HubConfig`) and save it to `output_dir`.
+def default_cache_dir():
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "maccap_text_features"
+
+
+def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precision="auto", finetune_lm=None,
+          resume=False, feature_cache=True, cache_dir=None, push_to_hub=None, callbacks=None):
+    """Train the variant described by `hub_config` (a `HubConfig` or the path of one) and save it to `output_dir`.
 
     `clip` / `lm` replace the hub config's component checkpoints (e.g. local copies), `max_steps` its epoch
-    count (use `dataclasses.replace(hub_config, dataset=...)` for another corpus); `precision` is "auto" (bf16 or fp16 on a GPU, fp32 on CPU), "fp32", "bf16" or
-    "fp16". Returns the output folder."""
-    from transformers import Trainer, TrainingArguments
+    count, `finetune_lm` its `finetune_lm` (use `dataclasses.replace(hub_config, dataset=...)` for another
+    corpus). `precision` is "auto" (bf16 or fp16 on a GPU, fp32 on CPU), "fp32", "bf16" or "fp16".
+    `resume` continues from the last `checkpoint-N` in `output_dir`; without it, a folder that holds checkpoints
+    is refused. `feature_cache=False` runs the CLIP text tower at every step instead of once per corpus
+    (`cache_dir`, default under datasets' cache). `push_to_hub="org/name"` stages and pushes the result as
+    `maccap upload` does. `callbacks` are extra `TrainerCallback`s. Returns the output folder."""
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
 
+    from .hub_config import load_hub_config
     from .modeling_maccap import MacCapForConditionalGeneration
 
+    if not hasattr(hub_config, "training_arguments"):
+        hub_config = load_hub_config(hub_config)
     output_dir = Path(output_dir)
+    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if resume and checkpoint is None:
+        raise TrainingError(f"--resume: {output_dir} holds no checkpoint-N folder to resume from")
+    if not resume and checkpoint is not None:
+        raise TrainingError(f"{output_dir} already holds {Path(checkpoint).name}: pass --resume to continue that "
+                            "run, or choose another --output-dir")
+    if push_to_hub:
+        from huggingface_hub import get_token
+
+        if get_token() is None:  # before the run, not after hours of it
+            raise TrainingError(f"--push-to-hub {push_to_hub}: no Hugging Face token; set HF_TOKEN or run "
+                                "`hf auth login`")
+
+    arguments = dict(hub_config.training_arguments)
+    if max_steps is not None:
+        arguments["max_steps"] = max_steps
+    # Built first: under torchrun / accelerate launch this sets up the process group the rest relies on.
+    args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, label_names=["labels"],
+                             **_precision(precision), **arguments)
+
     clip, lm = clip or hub_config.clip, lm or hub_config.lm
+    finetune_lm = hub_config.finetune_lm if finetune_lm is None else finetune_lm
     try:
         model = MacCapForConditionalGeneration.from_pretrained_components(
-            clip=clip, lm=lm, freeze_lm=not hub_config.finetune_lm, **hub_config.maccap)
+            clip=clip, lm=lm, freeze_lm=not finetune_lm, **hub_config.maccap)
     except OSError as error:
         raise HubConfigError(f"{hub_config.path}: components: cannot load CLIP {clip!r} and LM {lm!r} (--clip / --lm "
                              f"take local copies): {str(error).splitlines()[0]}") from None
     processor = model.processor
     processor.max_caption_length = hub_config.max_caption_length
-    train_set, eval_set = split_corpus(hub_config)
-
-    arguments = dict(hub_config.training_arguments)
-    if max_steps is not None:
-        arguments["max_steps"] = max_steps
+    with args.main_process_first(desc="reading captions"):
+        train_set, eval_set = split_corpus(hub_config, tokenizer=processor.tokenizer)
     if arguments.get("eval_strategy", "no") != "no" and eval_set is None:
         raise HubConfigError(f"{hub_config.path}: training.arguments.eval_strategy is {arguments['eval_strategy']!r} "
                              "but the corpus has no held-out part: set dataset.validation_split or validation_fraction")
-    args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, label_names=["labels"],
-                             **_precision(precision), **arguments)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=CaptionCollator(processor), processing_class=processor)
-    trainer.train()
+    if feature_cache:
+        model.clip.to(args.device)
+        with args.main_process_first(desc="CLIP text features"):  # one process computes, the others read the file
+            cache_dir = cache_dir or default_cache_dir()
+            train_set = cache_text_features(train_set, model, processor, cache_dir)
+            if eval_set is not None:
+                eval_set = cache_text_features(eval_set, model, processor, cache_dir)
+
+    trainer = MacCapTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                            data_collator=CaptionCollator(processor), processing_class=processor, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=checkpoint if resume else None)
     trainer.save_model(str(output_dir))  # weights, config, remote code, and the processor (processing_class)
-    trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-    # The Trainer pickles its arguments; keep them as JSON instead, so the folder holds no pickle at all.
-    (output_dir / "training_args.bin").unlink(missing_ok=True)
-    (output_dir / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+        # The Trainer pickles its arguments; keep them as JSON instead, so the folder holds no pickle at all.
+        (output_dir / "training_args.bin").unlink(missing_ok=True)
+        (output_dir / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
+        if push_to_hub:
+            from .hub import push, stage
+
+            staging_dir = output_dir.parent / f"{output_dir.name}-hub-staging"
+            stage(output_dir, hub_config, staging_dir, repo_id=push_to_hub)
+            url = push(staging_dir, push_to_hub, exist_ok=True)
+            logger.warning(f"pushed {output_dir} to {push_to_hub}: {url}")
+    trainer.accelerator.wait_for_everyone()
     return output_dir

@@ -1,0 +1,64 @@
+"""`maccap train` in a process of its own, for the resume and distributed tests.
+
+    python tests/train_worker.py TRAIN-ARGS...          (or under `torchrun ... tests/train_worker.py TRAIN-ARGS...`)
+
+Environment:
+    MACCAP_BATCH_LOG     every training forward appends its LM token rows to BATCH_LOG.<rank> (one JSON line per
+                         batch, flushed and synced before the step goes on, so a SIGKILL loses nothing written)
+    MACCAP_KILL_AT_STEP  the process SIGKILLs itself when that optimizer step ends, before anything else runs
+"""
+
+import json
+import os
+import signal
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import TrainerCallback  # noqa: E402
+
+from modeling_maccap import MacCapForConditionalGeneration  # noqa: E402
+from modeling_maccap import training  # noqa: E402
+from modeling_maccap.cli import main  # noqa: E402
+
+
+def log_batches(path):
+    forward = MacCapForConditionalGeneration.forward
+
+    def logged_forward(self, input_ids=None, **kwargs):
+        if self.training:
+            with open(path, "a") as log:
+                log.write(json.dumps(input_ids.tolist()) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    MacCapForConditionalGeneration.forward = logged_forward
+
+
+class KillAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_at(step):
+    init = training.MacCapTrainer.__init__
+
+    def init_with_kill(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(KillAt(step))
+
+    training.MacCapTrainer.__init__ = init_with_kill
+
+
+if __name__ == "__main__":
+    if os.environ.get("MACCAP_BATCH_LOG"):
+        log_batches(f"{os.environ['MACCAP_BATCH_LOG']}.{os.environ.get('RANK', '0')}")
+    if os.environ.get("MACCAP_KILL_AT_STEP"):
+        kill_at(int(os.environ["MACCAP_KILL_AT_STEP"]))
+    sys.exit(main(sys.argv[1:]))
