@@ -182,7 +182,22 @@ def build_parser():
     conv.add_argument("--out", required=True, help="folder for the converted MacCap")
     conv.add_argument("--clip", help="CLIP for checkpoints saved without clip_model.* weights (Hub id, folder or "
                                      "open_clip:ARCH/TAG)")
+    for name in ("captioning", "evaluation", "vqa"):  # each adds its own subcommand with set_defaults(run=...)
+        module = _optional_module(name)
+        if module is not None:
+            module.add_parser(commands)
     return parser
+
+
+def _optional_module(name):
+    import importlib
+
+    try:
+        return importlib.import_module(f"modeling_maccap.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"modeling_maccap.{name}":
+            raise
+        return None
 
 
 def main(argv=None):
@@ -195,11 +210,21 @@ def main(argv=None):
     try:
         if args.command == "selfcheck":
             return selfcheck(args.out)
+        if hasattr(args, "run"):
+            return args.run(args)
         commands = {"train": run_train, "upload": run_upload, "convert-original": run_convert_original}
         return commands[args.command](args)
-    except (HubConfigError, UploadError, TrainingError, ConversionError) as error:
+    except (HubConfigError, UploadError, TrainingError, ConversionError, *_module_errors()) as error:
         print(f"maccap {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _module_errors():
+    errors = []
+    for name in ("captioning", "evaluation", "vqa"):
+        module = _optional_module(name)
+        errors += list(getattr(module, "ERRORS", ()))
+    return tuple(errors)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import os
 import tempfile
 import typing
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 SCHEMA_PATH = Path(__file__).with_name("hub_config.schema.json")
 # TrainingArguments fields a hub config may not set: the output folder is the caller's, and publishing goes
 # through upload staging (model card, remote code), not the Trainer's own push.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 RESERVED_ARGUMENTS = ("output_dir", "push_to_hub", "hub_model_id", "hub_token", "hub_strategy", "hub_private_repo")
 
 
@@ -80,10 +82,14 @@ def check_training_arguments(path, arguments):
             raise HubConfigError(f"{path}: training.arguments.{name}: not a transformers.TrainingArguments field")
         if not _json_type_ok(value, hints[name]):
             raise HubConfigError(f"{path}: training.arguments.{name}: {value!r} is not of type {hints[name]}")
+    # Under torchrun the check would set up the process group as a side effect: keep it a check of values.
+    launcher = {name: os.environ.pop(name) for name in LAUNCHER_VARIABLES if name in os.environ}
     try:
         TrainingArguments(output_dir=tempfile.gettempdir(), **arguments)
     except (ValueError, TypeError) as error:
         raise HubConfigError(f"{path}: training.arguments: {error}") from None
+    finally:
+        os.environ.update(launcher)
 
 
 def load_hub_config(path):

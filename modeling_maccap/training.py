@@ -2,16 +2,17 @@
 
 `train(hub_config, output_dir)` loads the variant's components and caption corpus, caches the corpus's CLIP text
 features once, trains, and writes a folder that `AutoModel.from_pretrained(..., trust_remote_code=True)` and
-`pipeline("image-to-text")` load. Under `torchrun` or `accelerate launch` the same call trains data-parallel.
+`pipeline("image-to-text")` load. Under `torchrun` the same call trains data-parallel.
 """
 
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from .hub_config import HubConfigError
 
@@ -265,12 +266,16 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
     arguments = dict(hub_config.training_arguments)
     if max_steps is not None:
         arguments["max_steps"] = max_steps
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        arguments.setdefault("use_cpu", True)  # several CPU processes: only then does accelerate pick gloo DDP
+    arguments.setdefault("ddp_find_unused_parameters", False)  # every trainable parameter is used at every step
     # Built first: under torchrun / accelerate launch this sets up the process group the rest relies on.
     args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, label_names=["labels"],
                              **_precision(precision), **arguments)
 
     clip, lm = clip or hub_config.clip, lm or hub_config.lm
     finetune_lm = hub_config.finetune_lm if finetune_lm is None else finetune_lm
+    set_seed(args.seed)  # the projector's initialisation too, not only the run, follows the seed
     try:
         model = MacCapForConditionalGeneration.from_pretrained_components(
             clip=clip, lm=lm, freeze_lm=not finetune_lm, **hub_config.maccap)

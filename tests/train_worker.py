@@ -8,6 +8,7 @@ Environment:
     MACCAP_KILL_AT_STEP  the process SIGKILLs itself when that optimizer step ends, before anything else runs
 """
 
+import functools
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from modeling_maccap.cli import main  # noqa: E402
 def log_batches(path):
     forward = MacCapForConditionalGeneration.forward
 
+    @functools.wraps(forward)  # the Trainer reads forward's signature
     def logged_forward(self, input_ids=None, **kwargs):
         if self.training:
             with open(path, "a") as log:
