@@ -313,5 +313,4 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
             stage(output_dir, hub_config, staging_dir, repo_id=push_to_hub)
             url = push(staging_dir, push_to_hub, exist_ok=True)
             logger.warning(f"pushed {output_dir} to {push_to_hub}: {url}")
-    trainer.accelerator.wait_for_everyone()
     return output_dir
