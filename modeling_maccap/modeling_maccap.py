@@ -22,6 +22,10 @@ from .processing_maccap import MacCapProcessor, is_open_clip_spec, open_clip_con
 
 logger = logging.get_logger(__name__)
 
+# Zero-shot VQA decoding, as the reference (BLIP-2's setting): 5 beams, 1 to 10 new tokens, and a negative length
+# penalty, which favours short answers.
+VQA_GENERATE_DEFAULTS = {"num_beams": 5, "min_new_tokens": 1, "max_new_tokens": 10, "length_penalty": -1.0}
+
 
 @dataclass
 class MacCapCausalLMOutput(ModelOutput):
@@ -153,7 +157,8 @@ class MacCapPreTrainedModel(PreTrainedModel):
 
 class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
     """MacCap captioner. `forward` is the text-only training objective (or image-conditioned teacher forcing);
-    `generate` captions images with subregion aggregation, noise injection and CLIP reranking.
+    `generate` captions images with subregion aggregation, noise injection and CLIP reranking; `answer` answers
+    questions about images (zero-shot VQA: the same prefix, then the VQA prompt, no reranking).
 
     The CLIP and LM tokenizers are needed to rerank (candidates are re-tokenised for CLIP): they come from an
     attached `MacCapProcessor` (`model.processor`, set by `from_pretrained_components` and by `from_pretrained`
@@ -418,6 +423,47 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
     def format_vqa_prompts(self, questions):
         """The zero-shot VQA prompts (config.vqa_prompt) for a list of questions, to pass as the processor's text."""
         return [self.config.vqa_prompt.format(question=q.strip()) for q in questions]
+
+    @torch.no_grad()
+    def answer(self, pixel_values, questions, processor=None, **generate_kwargs):
+        """Zero-shot VQA. The image's prefix (noise drawn as in `generate`, seeded by `noise_seed`), then BOS and
+        config.vqa_prompt as text; beam search with VQA_GENERATE_DEFAULTS (5 beams, 1 to 10 new tokens, length
+        penalty -1), no reranking. `questions`: one string per image, or one string for all. Returns the decoded
+        text after the prompt, stripped and cut at its first line break. Keyword arguments go to `generate`."""
+        processor = processor or self.processor
+        if processor is None:
+            raise ValueError("answer needs the LM tokenizer: pass processor=MacCapProcessor(...) or attach one as "
+                             "model.processor")
+        refused = [name for name in ("rerank", "output_candidates", "return_dict_in_generate")
+                   if generate_kwargs.pop(name, False)]
+        if generate_kwargs.get("num_return_sequences", 1) != 1:
+            refused.append("num_return_sequences")
+        if refused:
+            raise ValueError(f"answer gives one beam-search answer per question; it does not take {refused}")
+        self._check_pixel_values(pixel_values)
+        questions = _check_questions(questions, pixel_values.shape[0])
+        input_ids, attention_mask = processor.prompt_inputs(self.format_vqa_prompts(questions))
+        sequences = self.generate(pixel_values, input_ids, attention_mask, rerank=False, processor=processor,
+                                  **{**VQA_GENERATE_DEFAULTS, **generate_kwargs})
+        texts = processor.tokenizer.batch_decode(sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
+        return [(text.strip().splitlines() or [""])[0].strip() for text in texts]
+
+
+def _check_questions(questions, batch):
+    if isinstance(questions, str):
+        questions = [questions]
+    if not isinstance(questions, (list, tuple)):
+        raise ValueError(f"questions must be a string or a list of strings, got {type(questions).__name__}")
+    if len(questions) == 1 and batch > 1:
+        questions = list(questions) * batch
+    if len(questions) != batch:
+        raise ValueError(f"got {batch} images but {len(questions)} questions")
+    for i, question in enumerate(questions):
+        if not isinstance(question, str):
+            raise ValueError(f"question {i} must be a string, got {type(question).__name__}")
+        if not question.strip():
+            raise ValueError(f"question {i} is empty")
+    return list(questions)
 
 
 MacCapConfig.register_for_auto_class()

@@ -172,11 +172,16 @@ class MacCapProcessor(ProcessorMixin):
             prompts = prompts * len(images)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-        ids = [[self._bos_id] + self.tokenizer(p, add_special_tokens=False)["input_ids"] if p else [self._bos_id]
-               for p in prompts]
-        input_ids, attention_mask = self._pad(ids, side="left")
+        input_ids, attention_mask = self.prompt_inputs(prompts)
         return BatchFeature({"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask},
                             tensor_type=return_tensors)
+
+    def prompt_inputs(self, prompts):
+        """(input_ids, attention_mask) of the text that follows the prefix in generation: BOS, then each prompt's
+        tokens (none for plain captioning), left-padded."""
+        ids = [[self._bos_id] + self.tokenizer(p, add_special_tokens=False)["input_ids"] if p else [self._bos_id]
+               for p in prompts]
+        return self._pad(ids, side="left")
 
     def _tokenize_captions(self, captions, return_tensors):
         for i, caption in enumerate(captions):
