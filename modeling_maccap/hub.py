@@ -66,8 +66,12 @@ def model_card(hub_config, repo_id, eval_results=(), num_projector_parameters=No
     model-index) and a body with usage, the training recipe, results, limitations and the citation."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    def task(metric):  # `maccap vqa` results hold "VQA accuracy ..." metrics, `maccap eval` caption metrics
+        return ("visual-question-answering", "Visual question answering") if metric.startswith("VQA") else (
+            "image-to-text", "Image captioning")
+
     results = [
-        EvalResult(task_type="image-to-text", task_name="Image captioning", dataset_type=entry["dataset"]["id"],
+        EvalResult(task_type=task(name)[0], task_name=task(name)[1], dataset_type=entry["dataset"]["id"],
                    dataset_name=entry["dataset"].get("name", entry["dataset"]["id"]),
                    dataset_split=entry["dataset"].get("split"), metric_type=name.lower().replace("-", ""),
                    metric_name=name, metric_value=value)
@@ -86,9 +90,10 @@ def model_card(hub_config, repo_id, eval_results=(), num_projector_parameters=No
     method_rows = [(f"`{k}`", f"`{v}`") for k, v in hub_config.maccap.items()]
     training_rows = [(f"`{k}`", f"`{json.dumps(v)}`") for k, v in hub_config.training_arguments.items()]
     if eval_results:
-        evaluation = _table(["dataset", "split", "metric", "value"],
-                            [(e["dataset"].get("name", e["dataset"]["id"]), e["dataset"].get("split", ""), name, value)
-                             for e in eval_results for name, value in e["metrics"].items()])
+        evaluation = _table(["dataset", "split", "metric", "value", "scale"],
+                            [(e["dataset"].get("name", e["dataset"]["id"]), e["dataset"].get("split", ""), name,
+                              f"{value:.4f}", e.get("scale", "")) for e in eval_results
+                             for name, value in e["metrics"].items()])
     else:
         evaluation = "This checkpoint was published without an evaluation results file; no scores are claimed."
     trained = "the projector and the LM" if hub_config.finetune_lm else "only the projector (CLIP and the LM frozen)"
@@ -151,7 +156,8 @@ Method settings (`MacCapConfig`):
 
 {evaluation}
 
-For context, published text-only captioners on the COCO Karpathy test split (CIDEr): {", ".join(
+For context, published text-only captioners on the COCO Karpathy test split (CIDEr as papers report it, i.e.
+pycocoevalcap's 0-1 score x 100): {", ".join(
         f"{name} {cider}" for name, cider in TEXT_ONLY_COCO_CIDER)}.
 
 ## Limitations

@@ -16,6 +16,10 @@ from PIL import Image  # noqa: E402
 from modeling_maccap import MacCapForConditionalGeneration, MacCapProcessor  # noqa: E402
 from modeling_maccap.tiny import TINY_MACCAP, build_tiny_components  # noqa: E402
 
+from .hub_server import FakeHub  # noqa: E402
+
+TOKEN = "hf_test_token"
+
 
 @pytest.fixture(scope="session")
 def components(tmp_path_factory):
@@ -65,3 +69,15 @@ def random_image(seed, size=(48, 40)):
 def images():
     """Three different random RGB images of different sizes."""
     return [random_image(0), random_image(1, (64, 30)), random_image(2, (20, 50))]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A stand-in Hub; huggingface_hub in this process talks to it, online, with a valid token."""
+    import huggingface_hub
+
+    with FakeHub(tokens=(TOKEN,)) as server:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield server

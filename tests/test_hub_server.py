@@ -12,9 +12,9 @@ from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError,
                                     RevisionNotFoundError)
 
+from .conftest import TOKEN
 from .hub_server import FakeHub
 
-TOKEN = "hf_test_token"
 FILES = {
     "config.json": b'{"model_type": "gpt2"}\n',
     "weights.bin": bytes(range(256)) * 9 + b"\x00\xff",

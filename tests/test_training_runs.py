@@ -17,7 +17,7 @@ from modeling_maccap.cli import main
 from modeling_maccap.tiny import TINY_MACCAP
 
 from .test_training import write_hub_config
-from .test_upload import hub, staged_files  # noqa: F401 - hub is a fixture
+from .test_upload import staged_files
 
 WORKER = Path(__file__).parent / "train_worker.py"
 CAPTIONS = [f"a {colour} {thing} on the {place}" for colour in ("red", "blue", "green")
@@ -112,7 +112,7 @@ def test_two_processes_under_torchrun_train_with_the_single_process_semantics(tm
     MacCapForConditionalGeneration.from_pretrained(tmp_path / "ddp")  # a complete checkpoint
 
 
-def test_push_to_hub_publishes_the_trained_model_with_its_card(hub, tmp_path, components):  # noqa: F811
+def test_push_to_hub_publishes_the_trained_model_with_its_card(hub, tmp_path, components):
     hub_config = write_hub_config(tmp_path)
     out = tmp_path / "out"
     assert main(["train", "--hub-config", str(hub_config), "--clip", components[0], "--lm", components[1],
@@ -125,7 +125,7 @@ def test_push_to_hub_publishes_the_trained_model_with_its_card(hub, tmp_path, co
     assert "org/tiny" in received["README.md"].decode()
 
 
-def test_push_to_hub_without_a_token_fails_before_training(hub, tmp_path, components, capsys,  # noqa: F811
+def test_push_to_hub_without_a_token_fails_before_training(hub, tmp_path, components, capsys,
                                                            monkeypatch):
     import huggingface_hub
 

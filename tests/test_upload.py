@@ -18,7 +18,7 @@ from modeling_maccap.hub import STAGING_MARKER, stage
 from modeling_maccap.hub_config import load_hub_config
 from modeling_maccap.tiny import TINY_MACCAP
 
-from .conftest import random_image
+from .conftest import TOKEN, random_image
 from .hub_server import FakeHub
 from .test_hub_config import read
 from .test_remote_code import REMOTE_FILES, fresh_process
@@ -26,7 +26,6 @@ from .test_remote_code import REMOTE_FILES, fresh_process
 ROOT = Path(__file__).parent.parent
 COCO_GPT2 = ROOT / "hub_configs" / "maccap-clip-vit-b32-gpt2-coco.json"
 COCO_OPT = ROOT / "hub_configs" / "maccap-clip-vit-b32-opt-1.3b-coco.json"
-TOKEN = "hf_test_token"
 RESULTS = {"dataset": {"id": "yerevann/coco-karpathy", "name": "COCO Karpathy test", "split": "test"},
            "metrics": {"BLEU-4": 0.123, "CIDEr": 0.456}}
 
@@ -105,7 +104,20 @@ def test_model_card_metadata_and_body(checkpoint, hub_config_file, results_file,
     assert "Mining Fine-Grained Image-Text Alignment for Zero-Shot Captioning via Text-Only Training" in card
     assert "@inproceedings" in card
     assert "| `learning_rate` | `0.0001` |" in card and "| `num_queries` | `4` |" in card
-    assert "| COCO Karpathy test | test | CIDEr | 0.456 |" in card
+    assert "| COCO Karpathy test | test | CIDEr | 0.4560 |" in card
+
+
+def test_vqa_results_are_filed_under_visual_question_answering(checkpoint, hub_config_file, tmp_path):
+    vqa = {"dataset": {"id": "vqav2", "name": "VQAv2", "split": "val2014"}, "scale": "percent",
+           "metrics": {"VQA accuracy": 41.25}}
+    (tmp_path / "all.json").write_text(json.dumps([RESULTS, vqa]))
+    staging = stage(checkpoint, load_hub_config(hub_config_file), tmp_path / "staging", repo_id="org/name",
+                    eval_results=tmp_path / "all.json")
+    card = (staging / "README.md").read_text()
+    tasks = {metric["name"]: result["task"]["type"] for result in front_matter(card)["model-index"][0]["results"]
+             for metric in result["metrics"]}
+    assert tasks == {"BLEU-4": "image-to-text", "CIDEr": "image-to-text", "VQA accuracy": "visual-question-answering"}
+    assert "| VQAv2 | val2014 | VQA accuracy | 41.2500 | percent |" in card
 
 
 def test_card_without_results_claims_no_scores(checkpoint, tmp_path):
@@ -182,16 +194,6 @@ def test_staging_never_overwrites_a_folder_it_did_not_make(checkpoint, hub_confi
 
 
 # ---------------------------------------------------------------------------------------------------- push
-@pytest.fixture
-def hub(monkeypatch):
-    """A stand-in Hub; huggingface_hub in this process talks to it, online, with a valid token."""
-    with FakeHub(tokens=(TOKEN,)) as server:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        yield server
-
-
 def upload(checkpoint, hub_config_file, staging, *extra):
     return main(["upload", str(checkpoint), "--hub-config", str(hub_config_file), "--repo-id", "org/name",
                  "--staging-dir", str(staging), *extra])
