@@ -184,6 +184,13 @@ class MacCapProcessor(ProcessorMixin):
         return self._pad(ids, side="left")
 
     def _tokenize_captions(self, captions, return_tensors):
+        clip = self.clip_text_inputs(captions)
+        return BatchFeature({**self.caption_lm_inputs(captions), "clip_input_ids": clip["input_ids"],
+                             "clip_attention_mask": clip["attention_mask"]}, tensor_type=return_tensors)
+
+    def caption_lm_inputs(self, captions):
+        """The LM side of a training batch: [BOS, caption tokens, EOS] right-padded, and labels that score the
+        caption tokens and EOS only. (Training on cached CLIP text features needs nothing else.)"""
         for i, caption in enumerate(captions):
             if not caption.strip():
                 raise ValueError(f"caption {i} is empty")
@@ -197,10 +204,7 @@ class MacCapProcessor(ProcessorMixin):
         input_ids, attention_mask = self._pad(ids, side="right")
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         labels[:, 0] = -100  # BOS is given, not predicted
-        clip = self.clip_text_inputs(captions)
-        return BatchFeature({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                             "clip_input_ids": clip["input_ids"], "clip_attention_mask": clip["attention_mask"]},
-                            tensor_type=return_tensors)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     @property
     def clip_context_length(self):

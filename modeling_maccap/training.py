@@ -177,11 +177,11 @@ class CaptionCollator:
         self.processor = processor
 
     def __call__(self, rows):
-        batch = dict(self.processor(text=[row["caption"] for row in rows]))
-        if FEATURE_COLUMN in rows[0]:
-            del batch["clip_input_ids"], batch["clip_attention_mask"]
-            batch[FEATURE_COLUMN] = torch.stack([torch.as_tensor(row[FEATURE_COLUMN]) for row in rows])
-        return batch
+        captions = [row["caption"] for row in rows]
+        if FEATURE_COLUMN not in rows[0]:
+            return dict(self.processor(text=captions))
+        return {**self.processor.caption_lm_inputs(captions),
+                FEATURE_COLUMN: torch.stack([torch.as_tensor(row[FEATURE_COLUMN]) for row in rows])}
 
 
 # ------------------------------------------------------------------------------------------------- training
