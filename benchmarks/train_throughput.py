@@ -15,13 +15,9 @@ import gc
 import json
 import logging
 import os
-import platform
-import random
-import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,81 +28,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TMP = Path(tempfile.mkdtemp(prefix="maccap-train-throughput-"))
 # Before transformers / datasets are imported: no hub access, and no trace in the user's caches.
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(TMP / "hf_home"))
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import (CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast,  # noqa: E402
-                          TrainerCallback)
+from transformers import TrainerCallback  # noqa: E402
 
 from modeling_maccap import training  # noqa: E402
 from modeling_maccap.hub_config import load_hub_config  # noqa: E402
 from modeling_maccap.modeling_maccap import MacCapForConditionalGeneration  # noqa: E402
-from modeling_maccap.open_clip_conversion import clip_tokenizer  # noqa: E402
+
+from components import LM_TOKENIZER_NOTE, build_components, machine, synthetic_captions, write_markdown  # noqa: E402
 
 REFERENCE_CONFIG = ROOT / "hub_configs" / "maccap-clip-vit-b32-gpt2-coco.json"
-EOT = "<|endoftext|>"
-LM_TOKENIZER_NOTE = "byte-level BPE trained on the synthetic captions (stand-in for GPT-2's; no hub access)"
-SUBJECTS = ["man", "woman", "young boy", "little girl", "dog", "cat", "group of people", "person", "couple", "player"]
-VERBS = ["riding", "holding", "sitting on", "standing next to", "looking at", "walking with", "carrying",
-         "playing with"]
-ADJECTIVES = ["red", "small", "large", "white", "black", "wooden", "old", "blue", "green", "busy", "yellow", "tall"]
-OBJECTS = ["bicycle", "skateboard", "surfboard", "umbrella", "frisbee", "horse", "bench", "kite", "laptop", "pizza"]
-PLACES = ["down a street", "in a park", "on a beach", "in a kitchen", "across a field", "at a table", "near a road",
-          "along the sidewalk", "inside a room", "in the city"]
-ENDINGS = ["", "", "", "at night", "in the snow", "at sunset", "by a car"]
-
-
-def synthetic_captions(n, seed=0):
-    """Deterministic COCO-like captions of about 8-14 words."""
-    rng = random.Random(seed)
-    adjective = lambda p: [rng.choice(ADJECTIVES)] if rng.random() < p else []  # noqa: E731
-    captions = []
-    for _ in range(n):
-        words = ["a", *adjective(0.3), rng.choice(SUBJECTS), rng.choice(VERBS), "a", *adjective(0.8),
-                 rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(ENDINGS)]
-        text = " ".join(w for w in words if w)
-        captions.append(text[0].upper() + text[1:] + ".")
-    return captions
-
-
-def lm_tokenizer(captions):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(captions, trainers.BpeTrainer(vocab_size=4096, special_tokens=[EOT], show_progress=False,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT)
-
-
-def build_components(root, captions):
-    """Random CLIP ViT-B/32 (with OpenAI CLIP's BPE tokenizer) and GPT-2 124M as `from_pretrained` folders."""
-    from transformers import CLIPImageProcessor, CLIPImageProcessorPil
-    from transformers.utils.import_utils import is_torchvision_available
-
-    torch.manual_seed(0)
-    clip_dir, lm_dir = root / "clip-vit-b32", root / "gpt2"
-    act = "quick_gelu"
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-                         vocab_size=49408, max_position_embeddings=77, hidden_act=act,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=32, hidden_act=act),
-        projection_dim=512))
-    clip.save_pretrained(clip_dir)
-    clip_tokenizer().save_pretrained(clip_dir)
-    image_processor = CLIPImageProcessor if is_torchvision_available() else CLIPImageProcessorPil
-    image_processor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(clip_dir)
-    tokenizer = lm_tokenizer(captions)
-    # GPT-2's real vocabulary size (50257) keeps the LM head at full cost; the stand-in tokenizer uses the first ids.
-    eot = tokenizer.eos_token_id
-    GPT2LMHeadModel(GPT2Config(bos_token_id=eot, eos_token_id=eot)).save_pretrained(lm_dir)
-    tokenizer.save_pretrained(lm_dir)
-    return str(clip_dir), str(lm_dir)
 
 
 def write_hub_config(root, clip_dir, lm_dir, captions, batch_size):
@@ -185,14 +120,6 @@ def clip_and_lm_split(model, processor, captions, batch_size, repeats=5):
             "lm_fwd_bwd_gflop_per_caption": 2 * lm_forward / 1e9}
 
 
-def machine():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return re.search(r"Model name:\s*(.+)", out).group(1).strip()
-    except (OSError, subprocess.CalledProcessError, AttributeError):
-        return platform.processor() or platform.machine()
-
-
 def report(r):
     """The figures as markdown: printed, and this benchmark's section of BENCHMARKS.md."""
     f, every, cached = r["figures"], r["figures"]["encode_every_step"], r["figures"]["cached"]
@@ -233,14 +160,6 @@ def report(r):
         "",
         f"Command: `{r['command']}`",
     ])
-
-
-def write_markdown(path, section):
-    section = f"<!-- train_throughput:begin -->\n{section}\n<!-- train_throughput:end -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"<!-- train_throughput:begin -->.*?<!-- train_throughput:end -->", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def main():
@@ -312,7 +231,7 @@ def main():
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     if args.markdown:
-        write_markdown(Path(args.markdown), section)
+        write_markdown(Path(args.markdown), "train_throughput", section)
         print(f"wrote {args.markdown}")
 
 
