@@ -3,12 +3,19 @@
 Import this after setting HF_HUB_OFFLINE and a temporary HF_HOME (the scripts do so before importing transformers).
 """
 
+import json
+import os
 import platform
 import random
 import re
+import shlex
 import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
+import transformers
 from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from modeling_maccap.open_clip_conversion import clip_tokenizer
@@ -92,3 +99,23 @@ def write_markdown(path, name, section):
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+def run_facts(name):
+    """What every results file records about its run: the benchmark, the command, when, and on what."""
+    return {"benchmark": name, "command": shlex.join(["python", *sys.argv]), "argv": sys.argv,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(), "machine": machine(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
+
+
+def publish(result, section, out, markdown):
+    """Print the report, write the results JSON to `out` and, unless `markdown` is empty, the benchmark's own
+    section of that markdown file."""
+    print("\n" + section + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    if markdown:
+        write_markdown(Path(markdown), result["benchmark"], section)
+        print(f"wrote {markdown}")

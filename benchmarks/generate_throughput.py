@@ -17,16 +17,13 @@ import argparse
 import atexit
 import json
 import os
-import platform
 import re
-import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +43,7 @@ from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from modeling_maccap.modeling_maccap import MacCapForConditionalGeneration  # noqa: E402
 
-from components import LM_TOKENIZER_NOTE, build_components, machine, synthetic_captions, write_markdown  # noqa: E402
+from components import LM_TOKENIZER_NOTE, build_components, publish, run_facts, synthetic_captions  # noqa: E402
 
 PARTS = ("vision", "projector", "decoding", "reranking")
 FORCED_NOTE = ("EOS suppressed until the 16th new token (min_new_tokens = max_new_tokens): every beam decodes the "
@@ -519,10 +516,7 @@ def main():
                  + "; ".join(f"{rows} rows {r['mlp']:.0f} / {r['lm_head']:.0f} GFLOP/s"
                              for rows, r in step_rates.items())
                  + ".")
-    result = {"benchmark": "generate_throughput", "command": shlex.join(["python", *sys.argv]), "argv": sys.argv,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-              "transformers": transformers.__version__, "python": platform.python_version(), "machine": machine(),
-              "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": args.device,
+    result = {**run_facts("generate_throughput"), "device": args.device,
               "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
               "dtype": args.dtype, "load_average_1min": [load_before, os.getloadavg()[0]], "settings": settings,
               "lm_tokenizer": LM_TOKENIZER_NOTE, "decoding_notes": [FORCED_NOTE, VOCAB_NOTE],
@@ -530,15 +524,7 @@ def main():
                           "matmul_gflops_after": rate_after,
                           "matmul_gflops_decoding_step": step_rates, "flop_counts": flop_counts, "configs": configs,
                           "targets": verdicts, "notes": notes}}
-    section = report(result)
-    print("\n" + section + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
-    if args.markdown:
-        write_markdown(Path(args.markdown), "generate_throughput", section)
-        print(f"wrote {args.markdown}")
-
+    publish(result, report(result), args.out, args.markdown)
 
 if __name__ == "__main__":
     main()

@@ -15,13 +15,11 @@ import gc
 import json
 import logging
 import os
-import shlex
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +37,7 @@ from modeling_maccap import training  # noqa: E402
 from modeling_maccap.hub_config import load_hub_config  # noqa: E402
 from modeling_maccap.modeling_maccap import MacCapForConditionalGeneration  # noqa: E402
 
-from components import LM_TOKENIZER_NOTE, build_components, machine, synthetic_captions, write_markdown  # noqa: E402
+from components import LM_TOKENIZER_NOTE, build_components, publish, run_facts, synthetic_captions  # noqa: E402
 
 REFERENCE_CONFIG = ROOT / "hub_configs" / "maccap-clip-vit-b32-gpt2-coco.json"
 
@@ -219,21 +217,10 @@ def main():
                "precompute": {"captions": corpus_size, "seconds": precompute_s,
                               "captions_per_s": corpus_size / precompute_s},
                **split}
-    result = {"benchmark": "train_throughput", "command": shlex.join(["python", *sys.argv]), "argv": sys.argv,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-              "transformers": transformers.__version__, "machine": machine(), "cpu_count": os.cpu_count(),
-              "threads": torch.get_num_threads(), "load_average_1min": [load_before, os.getloadavg()[0]],
+    result = {**run_facts("train_throughput"), "load_average_1min": [load_before, os.getloadavg()[0]],
               "batch_size": args.batch_size, "rounds": args.rounds, "lm_tokenizer": LM_TOKENIZER_NOTE,
               "figures": figures}
-    section = report(result)
-    print("\n" + section + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
-    if args.markdown:
-        write_markdown(Path(args.markdown), "train_throughput", section)
-        print(f"wrote {args.markdown}")
-
+    publish(result, report(result), args.out, args.markdown)
 
 if __name__ == "__main__":
     main()
