@@ -3,17 +3,19 @@
 Training embeds a caption with CLIP's text tower, injects Gaussian noise (the modality gap), and teaches the
 projector to turn k noisy copies into a prefix from which the frozen LM reconstructs the caption. Inference
 replaces the text embedding by k image subregion features, draws several noisy candidates per image, decodes
-them in one batched LM call and keeps the one CLIP finds closest to the image (reranking).
+them in batched LM calls and keeps the one CLIP finds closest to the image (reranking).
 """
 
 import copy
 import hashlib
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPModel, GenerationMixin, PreTrainedModel
+from transformers.generation import GenerationMode
 from transformers.utils import ModelOutput, logging
 
 from .configuration_maccap import MacCapConfig
@@ -25,6 +27,12 @@ logger = logging.get_logger(__name__)
 # Zero-shot VQA decoding, as the reference (BLIP-2's setting): 5 beams, 1 to 10 new tokens, and a negative length
 # penalty, which favours short answers.
 VQA_GENERATE_DEFAULTS = {"num_beams": 5, "min_new_tokens": 1, "max_new_tokens": 10, "length_penalty": -1.0}
+
+# generate(max_decode_rows=None) on CPU: LM rows (x beams) per LM call; measured fastest with GPT-2 124M.
+CPU_DECODE_ROWS = 128
+# The decoding modes in which every input row is expanded (beams, returned sequences) before the first forward,
+# so that the [prefix | prompt] can be run once per row and its cache shared.
+_EXPANDED_MODES = (GenerationMode.SAMPLE, GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)
 
 
 @dataclass
@@ -352,15 +360,26 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
     # --------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, *, rerank=None,
-                 num_candidates=None, output_candidates=False, noise_seed=0, processor=None, **generate_kwargs):
+                 num_candidates=None, output_candidates=False, noise_seed=0, processor=None, max_decode_rows=None,
+                 **generate_kwargs):
         """Caption images. `input_ids` is an optional text prompt after the prefix (BOS first; left-padded with its
         `attention_mask`); without it the prompt is BOS. With reranking (config.rerank), `num_candidates` noisy
-        draws per image are decoded in one LM call and scored in one CLIP text call; the best is kept.
+        draws per image are decoded in batched LM calls and scored in one CLIP text call; the best is kept.
         Noise is drawn per image from a generator seeded by `noise_seed` and the image's pixels (None: the global
         RNG). Returns the kept sequences `[prompt | new]`, or a `MacCapGenerateOutput` when `output_candidates`
-        or `return_dict_in_generate` is set. Other keyword arguments go to the LM's `generate`."""
+        or `return_dict_in_generate` is set. Other keyword arguments go to the LM's `generate`.
+
+        The images x candidates LM rows are decoded in LM `generate` calls of at most `max_decode_rows` rows as
+        the LM runs them (rows x beams, or x num_return_sequences; at least one row per call). The result is that
+        of one call: shorter calls' new tokens are padded as generate pads. `max_decode_rows=None` (default): 128
+        on CPU (the fastest there for GPT-2), no limit on other devices or when sampling (the random draws would
+        follow the split); always one call with your own `past_key_values`. With beam search or several returned
+        sequences, each row's [prefix | prompt] is run once and its cache shared by its beams (not when you pass
+        `past_key_values`, `use_cache=False`, a `cache_implementation` or an assistant model)."""
         if pixel_values is None:
             raise ValueError("generate needs pixel_values (use the processor on your images)")
+        if max_decode_rows is not None and (type(max_decode_rows) is not int or max_decode_rows < 1):
+            raise ValueError(f"max_decode_rows must be a positive int or None, got {max_decode_rows!r}")
         config = self.config
         return_dict = bool(generate_kwargs.pop("return_dict_in_generate", False)) or output_candidates
         rerank = config.rerank if rerank is None else rerank
@@ -397,8 +416,7 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         # The call's options go into a copy of generation_config (passing both is deprecated in transformers 5).
         gen_config = copy.deepcopy(self.generation_config)
         model_kwargs = gen_config.update(**generate_kwargs)
-        new_tokens = self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask,
-                                                  generation_config=gen_config, **model_kwargs)
+        new_tokens = self._decode(inputs_embeds, mask, gen_config, model_kwargs, max_decode_rows)
         repeats = new_tokens.shape[0] // prompt_ids.shape[0]  # num_return_sequences without reranking
         sequences = torch.cat([prompt_ids.repeat_interleave(repeats, dim=0), new_tokens], dim=1)
         if not rerank:
@@ -411,6 +429,41 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         if return_dict:
             return MacCapGenerateOutput(sequences=best, candidates=candidates, candidate_scores=scores)
         return best
+
+    def _decode(self, inputs_embeds, mask, gen_config, model_kwargs, max_rows):
+        """The new tokens of `language_model.generate` on these rows, in calls of at most `max_rows` LM rows."""
+        lm = self.language_model
+        config, _ = lm._prepare_generation_config(gen_config)  # as the LM's generate completes it (its defaults)
+        expand = max(config.num_beams, config.num_return_sequences)  # rows per input row, as generate expands them
+        if max_rows is None and inputs_embeds.device.type == "cpu" and not config.do_sample:
+            max_rows = CPU_DECODE_ROWS
+        if "past_key_values" in model_kwargs:
+            max_rows = None  # the caller's cache serves one call
+        params = inspect.signature(lm.base_model.forward).parameters
+        share = (expand > 1 and config.get_generation_mode() in _EXPANDED_MODES and config.use_cache
+                 and config.cache_implementation is None and config.prefill_chunk_size is None
+                 and not {"past_key_values", "assistant_model", "custom_generate"} & model_kwargs.keys()
+                 and {"position_ids", "past_key_values"} <= params.keys())
+
+        def run(embeds, attn):
+            kwargs = dict(model_kwargs)
+            if share:
+                # All but the last position, once per row, at the positions generate derives from the mask.
+                positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
+                cache = lm.base_model(inputs_embeds=embeds[:, :-1], attention_mask=attn[:, :-1],
+                                      position_ids=positions[:, :-1], use_cache=True).past_key_values
+                cache.batch_repeat_interleave(expand)
+                kwargs["past_key_values"] = cache  # generate then runs only the last position
+            return lm.generate(inputs_embeds=embeds, attention_mask=attn, generation_config=gen_config, **kwargs)
+
+        rows = inputs_embeds.shape[0]
+        step = rows if max_rows is None else max(1, max_rows // expand)
+        chunks = [run(inputs_embeds[i:i + step], mask[i:i + step]) for i in range(0, rows, step)]
+        if len(chunks) == 1:
+            return chunks[0]
+        length = max(chunk.shape[1] for chunk in chunks)
+        pad = _generate_pad_id(config)
+        return torch.cat([F.pad(chunk, (0, length - chunk.shape[1]), value=pad) for chunk in chunks])
 
     def score_captions(self, captions, image_embeds, processor=None):
         """CLIP cosine between each caption and its image embedding, in one CLIP text call at the captions' real
@@ -447,6 +500,17 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
                                   **{**VQA_GENERATE_DEFAULTS, **generate_kwargs})
         texts = processor.tokenizer.batch_decode(sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
         return [(text.strip().splitlines() or [""])[0].strip() for text in texts]
+
+
+def _generate_pad_id(config):
+    """The id transformers' generate fills finished rows with: the pad id (EOS without one); beam search takes EOS
+    for a pad id of 0, and -1 without EOS."""
+    eos = config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    pad = eos if config.pad_token_id is None else config.pad_token_id
+    if config.num_beams > 1:
+        return -1 if eos is None else (pad or eos)
+    return -1 if pad is None else pad
 
 
 def _check_questions(questions, batch):

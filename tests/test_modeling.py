@@ -1,12 +1,14 @@
 """MacCapForConditionalGeneration: each behaviour checked against an independent computation in the test."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPModel
+from transformers import CLIPModel, DynamicCache
 
 from modeling_maccap import MacCapForConditionalGeneration
-from modeling_maccap.modeling_maccap import noise_injection, sample_noise
+from modeling_maccap.modeling_maccap import image_seed, noise_injection, sample_noise
 
 from .conftest import random_image
 
@@ -323,6 +325,172 @@ def test_num_return_sequences_conflicts_with_reranking(model, processor, images)
 def test_vqa_prompts_follow_the_config_template(make_model):
     model = make_model(vqa_prompt="Q: {question} A:")
     assert model.format_vqa_prompts(["what colour is the dog? "]) == ["Q: what colour is the dog? A:"]
+
+
+# ------------------------------------------------------------------- generate: shared prefix, chunked decoding
+def reference_new_tokens(model, pixel_values, n, input_ids=None, attention_mask=None, seed=None, **generate_kwargs):
+    """The new tokens of every candidate (images x n rows) from ONE plain call of the LM's generate on
+    [prefix | prompt]: no cache shared by the beams, no chunking. The prefix is built here from the subregion
+    features and each image's noise generator (its candidates draw from it in turn). `seed`: torch.manual_seed before decoding."""
+    batch = pixel_values.shape[0]
+    if input_ids is None:
+        input_ids = torch.full((batch, 1), model.generation_config.bos_token_id)
+        attention_mask = torch.ones_like(input_ids)
+    variance = model.config.inference_noise_variance
+    with torch.no_grad():
+        features = model.get_subregion_features(pixel_values).subregion_features.repeat_interleave(n, 0)
+        generators = [torch.Generator().manual_seed(image_seed(p, 0)) for p in pixel_values]
+        noise = torch.stack([torch.randn(features.shape[1:], generator=g) for g in generators for _ in range(n)])
+        prefix = model.projector(F.normalize(features + noise * variance**0.5, dim=-1))
+        embeds = torch.cat([prefix, model.get_input_embeddings()(input_ids.repeat_interleave(n, 0))], 1)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), attention_mask.repeat_interleave(n, 0)], 1)
+        config = copy.deepcopy(model.generation_config)
+        kwargs = config.update(**generate_kwargs)
+        if seed is not None:
+            torch.manual_seed(seed)
+        lm = model.language_model  # the class's generate: a spy on the instance's does not see these calls
+        return type(lm).generate(lm, inputs_embeds=embeds, attention_mask=mask, generation_config=config, **kwargs)
+
+
+def spy_on_lm_calls(model, monkeypatch):
+    """Record, for every call of the LM's generate: its rows, the cache it got (length and rows, at call time;
+    None without one) and the width of its output."""
+    calls = []
+    real = model.language_model.generate
+
+    def spy(**kwargs):
+        cache = kwargs.get("past_key_values")
+        length = None if cache is None else cache.get_seq_length()
+        call = {"rows": kwargs["inputs_embeds"].shape[0], "cache": cache,
+                "cache_shape": length and (cache.layers[0].keys.shape[0], length)}
+        out = real(**kwargs)
+        calls.append({**call, "width": out.shape[1]})
+        return out
+
+    monkeypatch.setattr(model.language_model, "generate", spy)
+    return calls
+
+
+VQA_DECODING = dict(num_beams=5, min_new_tokens=1, max_new_tokens=10, length_penalty=-1.0)
+
+
+@pytest.mark.parametrize("num_beams", [3, 4])
+def test_beam_search_candidates_equal_one_plain_lm_call(model, processor, images, monkeypatch, num_beams):
+    pixel_values = processor(images=images)["pixel_values"]
+    expected = reference_new_tokens(model, pixel_values, 3, num_beams=num_beams)
+    calls = spy_on_lm_calls(model, monkeypatch)
+    out = model.generate(pixel_values=pixel_values, num_candidates=3, num_beams=num_beams, output_candidates=True)
+    assert torch.equal(out.candidates[:, :, 1:].flatten(0, 1), expected)
+    # One call (9 x beams <= 128 rows), given the cache of prefix + BOS but the last position, once per beam.
+    queries = model.config.num_queries
+    assert [(c["rows"], c["cache_shape"]) for c in calls] == [(9, (9 * num_beams, queries))]
+
+
+def test_left_padded_prompts_equal_one_plain_lm_call(model, processor, images, monkeypatch):
+    """Prompts of different lengths, left-padded after the prefix (as VQA builds them): the prefill shared by the
+    beams takes generate's positions (from the mask), so the tokens are one plain call's."""
+    pixel_values = processor(images=images)["pixel_values"]
+    input_ids, attention_mask = processor.prompt_inputs(["a photo of the dog on", "", "the red cat"])
+    assert attention_mask[:, 0].tolist() == [1, 0, 0]  # really left-padded
+    calls = spy_on_lm_calls(model, monkeypatch)
+    expected = reference_new_tokens(model, pixel_values, 2, input_ids, attention_mask, num_beams=4)
+    out = model.generate(pixel_values, input_ids, attention_mask, num_candidates=2, output_candidates=True)
+    width = input_ids.shape[1]
+    assert torch.equal(out.candidates[:, :, width:].flatten(0, 1), expected)
+    assert torch.equal(out.candidates[:, :, :width], input_ids[:, None].expand(-1, 2, -1))
+    expected = reference_new_tokens(model, pixel_values, 1, input_ids, attention_mask, **VQA_DECODING)
+    sequences = model.generate(pixel_values, input_ids, attention_mask, rerank=False, **VQA_DECODING)
+    assert torch.equal(sequences[:, width:], expected)
+    queries = model.config.num_queries
+    assert [c["cache_shape"] for c in calls] == [(24, queries + width - 1), (15, queries + width - 1)]
+
+
+@pytest.mark.parametrize("num_beams,max_decode_rows,pad_token_id,fill", [
+    (3, 3, 5, 5),  # one row a call; finished rows padded with the pad id
+    (4, 8, None, 7),  # beam search pads with the first EOS (7) when the pad id is 0
+    (1, 2, 5, 5),
+    (1, 1, None, 0),  # greedy pads with the pad id (0)
+])
+def test_chunked_decoding_equals_one_call(make_model, processor, images, monkeypatch, num_beams, max_decode_rows,
+                                          pad_token_id, fill):
+    """Rows decoded max_decode_rows // beams at a time give one call's candidates, scores and kept captions, also
+    when calls end at different lengths (EOS early in some rows): new tokens are padded as one call pads."""
+    torch.manual_seed(0)  # a projector whose noisy prefixes make rows end at different lengths (checked below)
+    model = make_model(inference_noise_variance=1.0)
+    pixel_values = processor(images=images)["pixel_values"]
+    evens = list(range(0, model.config.text_config.vocab_size, 2))  # every even id ends a row: rows end early
+    kwargs = dict(num_beams=num_beams, max_new_tokens=8, eos_token_id=evens if pad_token_id else [7] + evens)
+    if pad_token_id is not None:
+        kwargs["pad_token_id"] = pad_token_id
+    whole = model.generate(pixel_values=pixel_values, num_candidates=3, output_candidates=True, max_decode_rows=10**6,
+                           **kwargs)
+    calls = spy_on_lm_calls(model, monkeypatch)
+    chunked = model.generate(pixel_values=pixel_values, num_candidates=3, output_candidates=True,
+                             max_decode_rows=max_decode_rows, **kwargs)
+    per_call = max(1, max_decode_rows // num_beams)
+    assert [c["rows"] for c in calls] == [per_call] * (9 // per_call) + [9 % per_call] * (9 % per_call > 0)
+    assert len({c["width"] for c in calls}) > 1  # the calls did end at different lengths
+    assert torch.equal(chunked.candidates, whole.candidates)
+    assert torch.equal(chunked.candidate_scores, whole.candidate_scores)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    new_tokens = whole.candidates[:, :, 1:].flatten(0, 1)
+    assert torch.equal(new_tokens, reference_new_tokens(model, pixel_values, 3, **kwargs))
+    assert fill in new_tokens[:, -1]  # some rows were padded
+
+
+def test_decode_rows_default_to_128_on_cpu_without_sampling(model, processor, images, monkeypatch):
+    pixel_values = processor(images=images)["pixel_values"]
+    calls = spy_on_lm_calls(model, monkeypatch)
+    default = model.generate(pixel_values=pixel_values, num_candidates=11, output_candidates=True)
+    assert [c["rows"] for c in calls] == [32, 1]  # 33 rows x 4 beams: 128 LM rows, then 4
+    whole = model.generate(pixel_values=pixel_values, num_candidates=11, output_candidates=True, max_decode_rows=132)
+    assert len(calls) == 3 and torch.equal(default.candidates, whole.candidates)
+    model.generate(pixel_values=pixel_values, num_candidates=11, do_sample=True, max_new_tokens=2)
+    assert calls[3]["rows"] == 33  # sampling: one call, so that the random draws are those of one call
+
+
+def test_greedy_and_sampling_equal_one_plain_lm_call(model, processor, images, monkeypatch):
+    pixel_values = processor(images=images)["pixel_values"]
+    calls = spy_on_lm_calls(model, monkeypatch)
+    greedy = model.generate(pixel_values=pixel_values, num_candidates=3, num_beams=1, output_candidates=True)
+    assert torch.equal(greedy.candidates[:, :, 1:].flatten(0, 1),
+                       reference_new_tokens(model, pixel_values, 3, num_beams=1))
+    torch.manual_seed(3)
+    sampled = model.generate(pixel_values=pixel_values, num_candidates=3, num_beams=1, do_sample=True,
+                             output_candidates=True)
+    assert torch.equal(sampled.candidates[:, :, 1:].flatten(0, 1),
+                       reference_new_tokens(model, pixel_values, 3, seed=3, num_beams=1, do_sample=True))
+    # Several sampled sequences per row, and beam sampling: the rows are expanded, so the prefix cache is shared.
+    for kwargs in ({"num_beams": 1, "num_return_sequences": 3}, {"num_beams": 2}):
+        torch.manual_seed(4)
+        sequences = model.generate(pixel_values=pixel_values, rerank=False, do_sample=True, **kwargs)
+        expected = reference_new_tokens(model, pixel_values, 1, seed=4, do_sample=True, **kwargs)
+        assert torch.equal(sequences[:, 1:], expected)
+    assert [c["cache_shape"] is None for c in calls] == [True, True, False, False]
+    assert len({tuple(s) for s in sampled.candidates.flatten(0, 1).tolist()}) > 1
+
+
+def test_own_cache_or_no_cache_take_the_plain_path(model, processor, images, monkeypatch):
+    """With use_cache=False or the caller's past_key_values, the LM's generate gets exactly what it was given,
+    in one call (the caller's cache serves one call), and decodes as before."""
+    pixel_values = processor(images=images)["pixel_values"]
+    expected = reference_new_tokens(model, pixel_values, 11)
+    calls = spy_on_lm_calls(model, monkeypatch)
+    no_cache = model.generate(pixel_values=pixel_values, num_candidates=11, use_cache=False, max_decode_rows=64,
+                              output_candidates=True)
+    cache = DynamicCache(config=model.language_model.config)
+    own = model.generate(pixel_values=pixel_values, num_candidates=11, past_key_values=cache, output_candidates=True)
+    # use_cache=False: chunks of 16 rows (x 4 beams), no prefill; the caller's cache: as given, in one call.
+    assert [c["rows"] for c in calls] == [16, 16, 1, 33]
+    assert [c["cache"] is None for c in calls] == [True, True, True, False] and calls[3]["cache"] is cache
+    assert torch.equal(no_cache.candidates[:, :, 1:].flatten(0, 1), expected)
+    assert torch.equal(own.candidates[:, :, 1:].flatten(0, 1), expected)
+
+
+@pytest.mark.parametrize("value", [0, -4, 2.5, "8", True])
+def test_bad_max_decode_rows_are_refused(model, processor, images, value):
+    with pytest.raises(ValueError, match="max_decode_rows must be a positive int or None, got"):
+        model.generate(**processor(images=images), max_decode_rows=value)
 
 
 # ---------------------------------------------------------------------------------------- other causal LMs
