@@ -3,9 +3,10 @@
 CLIP ViT-B/32 + GPT-2 124M with random weights, built offline, with the paper's MacCap settings (32 queries, k = 10
 subregions, beam search with 4 beams and 16 new tokens). For each batch size x number of candidates (1 = plain beam
 search, rerank=False; N > 1 = N noisy candidates reranked by CLIP, the default path) a fresh process times
-`model.generate` and reports images/s, peak RSS and where the time goes (vision tower, projector, decoding,
-reranking). The FLOPs per image are counted analytically (and cross-checked with torch's FlopCounterMode); with the
-measured matmul rate they give the floor time and the ratio to it. Not a timed test.
+`model.generate` (with its default `max_decode_rows`) and reports images/s, peak RSS and where the time goes
+(vision tower, projector, decoding, reranking). The FLOPs per image are counted analytically (and cross-checked
+with torch's FlopCounterMode); with the measured matmul rate they give the floor time and the ratio to it. Not a
+timed test.
 
     python benchmarks/generate_throughput.py [--batch-sizes 1 8 32] [--candidates 1 4] [--repeats N] [--threads T]
         [--device cpu|cuda] [--dtype float32|bfloat16] [--out FILE] [--markdown BENCHMARKS.md]
@@ -41,7 +42,7 @@ import transformers  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
-from modeling_maccap.modeling_maccap import MacCapForConditionalGeneration  # noqa: E402
+from modeling_maccap.modeling_maccap import CPU_DECODE_ROWS, MacCapForConditionalGeneration  # noqa: E402
 
 from components import LM_TOKENIZER_NOTE, build_components, publish, run_facts, synthetic_captions  # noqa: E402
 
@@ -86,11 +87,13 @@ def matrices(module):
 
 
 def analytic_flops(model, candidates, clip_tokens, prompt_tokens=1):
-    """FLOPs (2 x multiply-adds of every matmul) per image of `generate` with `candidates` draws, as executed:
-    transformers' beam search copies the prefix into every beam before the first forward, so each beam sequence
-    runs prefix + prompt once, then one token per step against its KV cache; the LM head runs once per new token
-    per beam. `decoding_shared_prefix` is the same decoding with the prefix + prompt run once per candidate (the
-    beams all start from it), the least the method needs."""
+    """FLOPs (2 x multiply-adds of every matmul) per image of `generate` with `candidates` draws, as executed
+    (since 1f7675e): the [prefix | prompt] but its last position runs once per candidate through the LM's base model
+    (no LM head) and its KV cache is repeated for the beams; the LM's beam search then runs, per beam, the last
+    position against it and one token per step, each with the LM head. `decoding_shared_prefix` runs the whole
+    [prefix | prompt] and its logits once per candidate (the beams all start from them), the least the method
+    needs; `decoding_prefix_per_beam` is the decoding before 1f7675e, when transformers' beam search copied the
+    prefix into every beam before the first forward."""
     config, gen = model.config, model.generation_config
     vision, vc = model.clip.vision_model, model.clip.config.vision_config
     patches = (vc.image_size // vc.patch_size) ** 2
@@ -117,17 +120,19 @@ def analytic_flops(model, candidates, clip_tokens, prompt_tokens=1):
     body = 2 * matrices(model.language_model.transformer.h)  # GPT-2's blocks; the LM head is the tied embedding
     att, head = 4 * lm.n_layer * lm.n_embd, 2 * lm.n_embd * lm.vocab_size
     context = sum(p + j for j in range(1, new))  # keys attended by the steps after the first
-    per_beam = body * (p + new - 1) + att * (p * p + context) + head * new
-    flops["decoding"] = candidates * beams * per_beam
-    shared = body * p + att * p * p + head + beams * (body * (new - 1) + att * context + head * (new - 1))
-    flops["decoding_shared_prefix"] = candidates * shared
+    steps = body * (new - 1) + att * context + head * (new - 1)  # per beam, after the first new token
+    prefill = body * (p - 1) + att * (p - 1) ** 2  # once per candidate; the last position (p keys) once per beam
+    flops["decoding"] = candidates * (prefill + beams * (body + att * p + head + steps))
+    flops["decoding_shared_prefix"] = candidates * (body * p + att * p * p + head + beams * steps)
+    flops["decoding_prefix_per_beam"] = candidates * beams * (body * p + att * p * p + head + steps)
 
     tc = model.clip.config.text_config
     text = (2 * matrices(model.clip.text_model.encoder) * clip_tokens + 4 * tc.num_hidden_layers * clip_tokens ** 2
             * tc.hidden_size + 2 * model.clip.text_projection.weight.numel())
     flops["reranking"] = candidates * text if candidates > 1 else 0
     flops["total"] = sum(flops[part] for part in PARTS)
-    flops["total_shared_prefix"] = flops["total"] - flops["decoding"] + flops["decoding_shared_prefix"]
+    for name in ("shared_prefix", "prefix_per_beam"):
+        flops[f"total_{name}"] = flops["total"] - flops["decoding"] + flops[f"decoding_{name}"]
     return flops
 
 
@@ -157,7 +162,7 @@ class Split:
 
     def reset(self):
         self.seconds, self.flops = dict.fromkeys((*PARTS, "lm_forward"), 0.0), dict.fromkeys(PARTS, 0)
-        self.clip_tokens = []
+        self.clip_tokens, self.lm_generate_rows = [], []
 
     def wrap(self, owner, name, part):
         method = getattr(owner, name)
@@ -179,7 +184,8 @@ class Split:
         self.wrap(model, "get_subregion_features", "vision")
         self.wrap(model, "_image_generators", "projector")  # the per-image noise generators (pixel hashes)
         self.wrap(model, "_prefix_from_features", "projector")
-        self.wrap(model.language_model, "generate", "decoding")
+        # The [prefix | prompt] prefill through the LM's base model and the LM's generate calls (decoding chunks).
+        self.wrap(model, "_decode", "decoding")
         self.wrap(model.processor, "batch_decode", "reranking")
         self.wrap(model, "score_captions", "reranking")
         clip_text_inputs = model.processor.clip_text_inputs
@@ -190,7 +196,15 @@ class Split:
             return tokens
 
         model.processor.clip_text_inputs = recorded
-        # Every LM forward inside the beam search (the rest of `decoding` is the search itself).
+        lm_generate = model.language_model.generate
+
+        def counted(*args, **kwargs):
+            self.lm_generate_rows.append(kwargs["inputs_embeds"].shape[0])
+            return lm_generate(*args, **kwargs)
+
+        model.language_model.generate = counted
+        # Every LM forward: the prefill through the base model, and the LM's (with its head) inside the beam search
+        # (the rest of `decoding` is the search itself). The base model also runs inside the LM's: outermost only.
         starts = []
 
         def forward_start(*_):
@@ -199,10 +213,13 @@ class Split:
 
         def forward_end(*_):
             sync(self.device)
-            self.seconds["lm_forward"] += time.perf_counter() - starts.pop()
+            start = starts.pop()
+            if not starts:
+                self.seconds["lm_forward"] += time.perf_counter() - start
 
-        model.language_model.register_forward_pre_hook(forward_start)
-        model.language_model.register_forward_hook(forward_end)
+        for module in (model.language_model, model.language_model.base_model):
+            module.register_forward_pre_hook(forward_start)
+            module.register_forward_hook(forward_end)
 
 
 def rss_kib(field):
@@ -268,7 +285,8 @@ def child_run(spec):
             assert new_tokens == model.generation_config.max_new_tokens, f"decoded {new_tokens} new tokens"
             if i >= spec["warmup"]:
                 calls.append({"total_s": total, **{f"{k}_s": v for k, v in split.seconds.items()},
-                              "word_mask_s": vocabulary.seconds, "clip_tokens": list(split.clip_tokens)})
+                              "word_mask_s": vocabulary.seconds, "clip_tokens": list(split.clip_tokens),
+                              "lm_generate_rows": list(split.lm_generate_rows)})
     generation_peak = rss_kib("VmHWM")
     clip_tokens = [t for c in calls for t in c["clip_tokens"]]
     flops = analytic_flops(model, spec["candidates"], statistics.mean(clip_tokens) if clip_tokens else 0)
@@ -299,8 +317,20 @@ def child_count(spec):
     lm = model.language_model.config
     settings = {"num_queries": config.num_queries, "num_subregions": config.num_subregions,
                 "num_beams": gen.num_beams, "max_new_tokens": gen.max_new_tokens, "lm_hidden": lm.n_embd,
-                "lm_ffn": lm.n_inner or 4 * lm.n_embd, "vocab_size": lm.vocab_size}
+                "lm_ffn": lm.n_inner or 4 * lm.n_embd, "vocab_size": lm.vocab_size,
+                "max_decode_rows": default_decode_rows(spec["device"])}
     return {"counts": counts, "settings": settings}
+
+
+def default_decode_rows(device):
+    """generate()'s `max_decode_rows` when not given, for this benchmark's beam search (no sampling); None: no limit."""
+    return CPU_DECODE_ROWS if device == "cpu" else None
+
+
+def step_rows(batch, candidates, settings):
+    """LM rows of one decoding step: candidates x beams, at most `max_decode_rows` per LM call (generate's split)."""
+    beams, limit, rows = settings["num_beams"], settings["max_decode_rows"], batch * candidates
+    return beams * (rows if limit is None else min(rows, max(1, limit // beams)))
 
 
 def spawn(spec):
@@ -325,6 +355,7 @@ def summarise(run, batch, candidates, flops, rate):
             "times_s": [round(c["total_s"], 3) for c in calls], "split_s": parts,
             "word_mask_s": statistics.median(c["word_mask_s"] for c in calls),
             "clip_tokens_padded": statistics.mean(clip_tokens) if clip_tokens else None,
+            "lm_generate_rows": calls[0]["lm_generate_rows"],
             "gflop_per_image": flops["total"] / 1e9, "floor_s": floor, "ratio_to_floor": median / floor,
             "gflop_per_image_shared_prefix": flops["total_shared_prefix"] / 1e9,
             "ratio_to_floor_shared_prefix": median / floor_shared, **run}
@@ -344,11 +375,14 @@ def report(r):
         f"k = {s['num_subregions']}, beam search with {s['num_beams']} beams, {s['max_new_tokens']} new tokens, "
         f"BOS prompt), `model.generate` on {r['device']}, {r['dtype']}, {where}, {r['threads']} threads, "
         f"1-min load average {r['load_average_1min'][0]:.1f} -> {r['load_average_1min'][1]:.1f}, {r['date'][:10]}. "
-        f"1 candidate = `rerank=False` (plain beam search); N > 1 = N noisy candidates decoded in one LM call and "
-        f"reranked by CLIP (the default path). {FORCED_NOTE}; {VOCAB_NOTE}. LM tokenizer: {LM_TOKENIZER_NOTE}. "
+        f"1 candidate = `rerank=False` (plain beam search); N > 1 = N noisy candidates decoded together and "
+        f"reranked by CLIP (the default path). {decode_calls(f['configs'], s)} {FORCED_NOTE}; {VOCAB_NOTE}. "
+        f"LM tokenizer: {LM_TOKENIZER_NOTE}. "
         f"Random images of varied sizes, preprocessed once (not timed). Each row is a fresh process: "
         f"{s['warmup']} warm-up call{'s' if s['warmup'] > 1 else ''}, then the median of {timed} timed calls; "
-        f"peak RSS = the process's VmHWM (model loading included){'; GPU = peak allocated' if r['gpu'] else ''}.",
+        f"peak RSS = the process's VmHWM (model loading included){'; GPU = peak allocated' if r['gpu'] else ''}. "
+        "Decoding = `generate`'s `_decode`: the [prefix | prompt] prefill through GPT-2's base model and the LM's "
+        "beam search; in brackets the time in LM forwards (the prefill's and the beam search's).",
         "",
         f"Machine {r['dtype']} matmul rate (median `torch.mm`, {s['matmul_size']}^3, same threads): "
         f"**{rate:.0f} GFLOP/s** (before {f['matmul_gflops_before']:.0f}, after {f['matmul_gflops_after']:.0f}; "
@@ -368,15 +402,29 @@ def report(r):
             f"{pct['vision']:.1f}% | {pct['projector']:.1f}% | {pct['decoding']:.1f}% ({pct['lm_forward']:.1f}%) | "
             f"{pct['reranking']:.1f}% | {pct['other']:.1f}% |")
     lines += ["", "FLOPs per image (analytic; FlopCounterMode on one image in brackets):", "",
-              "| candidates | vision | projector | decoding | reranking | total | decoding, prefix shared by beams |",
-              "|---|---|---|---|---|---|---|"]
+              "| candidates | vision | projector | decoding | reranking | total | decoding, least "
+              "| decoding before 1f7675e |",
+              "|---|---|---|---|---|---|---|---|"]
     for n, count in f["flop_counts"].items():
         a = count["analytic"]
         cell = lambda part: f"{a[part] / 1e9:.2f} [{count[part] / 1e9:.2f}]"  # noqa: E731
         lines.append(f"| {n} | {cell('vision')} | {cell('projector')} | {cell('decoding')} | {cell('reranking')} | "
-                     f"{a['total'] / 1e9:.2f} [{count['total'] / 1e9:.2f}] | {a['decoding_shared_prefix'] / 1e9:.2f} |")
+                     f"{a['total'] / 1e9:.2f} [{count['total'] / 1e9:.2f}] | {a['decoding_shared_prefix'] / 1e9:.2f} "
+                     f"| {a['decoding_prefix_per_beam'] / 1e9:.2f} |")
     lines += [""] + [f"- {note}" for note in f["notes"]] + ["", f"Command: `{r['command']}`"]
     return "\n".join(lines)
+
+
+def decode_calls(configs, settings):
+    """How `generate` split the candidate rows into LM `generate` calls, as the timed runs recorded it."""
+    limit, beams = settings["max_decode_rows"], settings["num_beams"]
+    text = (f"`max_decode_rows` = {limit} (generate's default on CPU): LM `generate` calls of at most {limit} LM "
+            f"rows (candidate rows x {beams} beams)" if limit else
+            "`max_decode_rows` = None (generate's default off CPU): one LM `generate` call")
+    split = [c for c in configs if len(c["lm_generate_rows"]) > 1]
+    where = "; ".join(f"batch {c['batch']} x {c['candidates']} candidate(s): {len(c['lm_generate_rows'])} calls of "
+                      f"{' + '.join(map(str, c['lm_generate_rows']))} candidate rows" for c in split)
+    return f"{text}; {where}, one call in the other rows." if split else f"{text}; one call in every row."
 
 
 def flop_notes(flop_counts, settings):
@@ -392,14 +440,18 @@ def flop_notes(flop_counts, settings):
             notes[-1] += (f" That is the aligner's self-attention ({a['projector_self_attention'] / 1e9:.3f} GFLOP "
                           "analytic): in eval mode without grad, nn.MultiheadAttention runs it as one fused kernel "
                           "(aten._native_multi_head_attention), for which the counter has no formula.")
-    decode, shared = a["decoding"] / n, a["decoding_shared_prefix"] / n
-    prefix = settings["num_queries"] + 1
+    decode, least, before = (a[f"decoding{name}"] / n for name in ("", "_shared_prefix", "_prefix_per_beam"))
+    prefix, beams = settings["num_queries"] + 1, settings["num_beams"]
     notes.append(
-        f"Decoding as executed: transformers' beam search expands the inputs to {settings['num_beams']} rows per "
-        f"candidate before the first forward, so the {prefix} prefix + BOS positions run once per beam; "
-        f"{decode / 1e9:.1f} GFLOP per candidate, against {shared / 1e9:.1f} with them run once per candidate "
-        f"and the KV cache shared by the beams (then GFLOP / image {c['analytic']['total_shared_prefix'] / 1e9:.1f} "
-        f"instead of {a['total'] / 1e9:.1f} with {n} candidate(s)).")
+        f"Decoding as executed (since 1f7675e): `generate` runs the first {prefix - 1} of the {prefix} prefix + BOS "
+        f"positions once per candidate through GPT-2's base model and repeats their KV cache for the {beams} beams; "
+        f"the LM's beam search then runs the last position and the following steps per beam: {decode / 1e9:.1f} "
+        f"GFLOP per candidate (counted under decoding, prefill included). Least ('decoding, least'): "
+        f"{least / 1e9:.1f}, with the last position and its logits also once per candidate (the beams all start "
+        f"from them). Before 1f7675e transformers' beam search copied the inputs into the {beams} beams before the "
+        f"first forward, so the {prefix} positions ran once per beam: {before / 1e9:.1f}. GFLOP / image with {n} "
+        f"candidate(s): {a['total'] / 1e9:.1f} as executed, {a['total_shared_prefix'] / 1e9:.1f} least, "
+        f"{a['total_prefix_per_beam'] / 1e9:.1f} before 1f7675e.")
     return notes
 
 
@@ -416,7 +468,7 @@ def targets(configs, flop_counts):
                 + ("" if ok else f" (by {c['ratio_to_floor'] / 3:.2f}x; decoding takes "
                    f"{100 * c['split_s']['decoding'] / c['median_s']:.0f}% of the time, the LM forward "
                    f"{100 * c['split_s']['lm_forward'] / c['median_s']:.0f}%)")
-                + f"; against the floor of the shared-prefix decoding (the least the method needs): "
+                + f"; against the floor of the least decoding (see the FLOP notes): "
                 f"{c['ratio_to_floor_shared_prefix']:.2f}x.")
     by = {(c["batch"], c["candidates"]): c for c in configs}
     for batch in sorted({c["batch"] for c in configs}):
@@ -426,17 +478,17 @@ def targets(configs, flop_counts):
             ratio = by[batch, n]["median_s"] / by[batch, 1]["median_s"]
             ok = ratio <= 2
             verdicts[f"candidates{n}_vs_1_batch{batch}"] = ok
-            fl = flop_counts[n]["analytic"]["total"] / flop_counts[1]["analytic"]["total"]
-            fl_shared = (flop_counts[n]["analytic"]["total_shared_prefix"]
-                         / flop_counts[1]["analytic"]["total_shared_prefix"])
+            fl, fl_least, fl_before = (flop_counts[n]["analytic"][total] / flop_counts[1]["analytic"][total]
+                                       for total in ("total", "total_shared_prefix", "total_prefix_per_beam"))
             notes.append(
                 f"Target: batch {batch}, {n} reranked candidates cost at most 2x one candidate: {ratio:.2f}x, "
                 f"**{'met' if ok else 'not met'}**" + ("" if ok else f" (by {ratio / 2:.2f}x)")
-                + f"; the FLOP ratio is {fl:.2f}x as executed ({fl_shared:.2f}x with the prefix shared by the beams)"
+                + f"; the FLOP ratio is {fl:.2f}x as executed, the prefix shared by the beams ({fl_least:.2f}x "
+                f"least; {fl_before:.2f}x before 1f7675e)"
                 + (": every candidate has its own prefix (its own noise) and its own beam search, so at equal "
                    "matmul efficiency no implementation gets under 2x; one candidate is cheaper per FLOP only where "
                    "its matmuls are too small to fill the machine (small batches)."
-                   if min(fl, fl_shared) > 2 and not ok else "."))
+                   if min(fl, fl_least) > 2 and not ok else "."))
     return notes, verdicts
 
 
@@ -488,9 +540,9 @@ def main():
         print(f"{n} candidate(s): {c['analytic']['total'] / 1e9:.1f} GFLOP / image analytic, "
               f"{c['total'] / 1e9:.1f} counted by FlopCounterMode")
     settings = counted["settings"]
-    # The rate at one decoding step's shapes (rows = batch x candidates x beams): GPT-2's MLP and LM head.
+    # The rate at one decoding step's shapes (LM rows of one LM call): GPT-2's MLP and LM head.
     step_rates, hidden = {}, settings["lm_hidden"]
-    for rows in sorted({b * n * settings["num_beams"] for b in args.batch_sizes for n in candidates}):
+    for rows in sorted({step_rows(b, n, settings) for b in args.batch_sizes for n in candidates}):
         step_rates[rows] = {"mlp": matmul_gflops(rows, hidden, settings["lm_ffn"], args.device, dtype),
                             "lm_head": matmul_gflops(rows, hidden, settings["vocab_size"], args.device, dtype)}
     runs = []
@@ -512,7 +564,9 @@ def main():
     notes += flop_notes(flop_counts, settings)
     mask = max(c["word_mask_s"] / c["split_s"]["decoding"] for c in configs)
     notes.append(f"The benchmark's word mask (see above) takes at most {100 * mask:.1f}% of the decoding time.")
-    notes.append("Matmul rate at one decoding step's shapes (rows = batch x candidates x beams), GPT-2 MLP / LM head: "
+    limit = settings["max_decode_rows"]
+    notes.append("Matmul rate at one decoding step's shapes (rows = batch x candidates x beams"
+                 + (f", at most max_decode_rows = {limit} per LM call" if limit else "") + "), GPT-2 MLP / LM head: "
                  + "; ".join(f"{rows} rows {r['mlp']:.0f} / {r['lm_head']:.0f} GFLOP/s"
                              for rows, r in step_rates.items())
                  + ".")
