@@ -9,9 +9,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import captioning, evaluation, vqa
+from . import captioning, demo, evaluation, vqa
 
-BATCH_COMMANDS = (captioning, evaluation, vqa)  # `maccap caption`, `maccap eval`, `maccap vqa`
+# `maccap caption`, `maccap eval`, `maccap vqa`, `maccap demo`: each module adds its subcommand and errors.
+SUBCOMMAND_MODULES = (captioning, evaluation, vqa, demo)
 
 # What a fresh interpreter runs on the saved folder: the installed package is hidden, so only the folder's
 # remote code can answer.
@@ -186,7 +187,7 @@ def build_parser():
     conv.add_argument("--out", required=True, help="folder for the converted MacCap")
     conv.add_argument("--clip", help="CLIP for checkpoints saved without clip_model.* weights (Hub id, folder or "
                                      "open_clip:ARCH/TAG)")
-    for module in BATCH_COMMANDS:  # each adds its subcommand, with set_defaults(run=...)
+    for module in SUBCOMMAND_MODULES:  # each adds its subcommand, with set_defaults(run=...)
         module.add_parser(commands)
     return parser
 
@@ -206,7 +207,7 @@ def main(argv=None):
         commands = {"train": run_train, "upload": run_upload, "convert-original": run_convert_original}
         return commands[args.command](args)
     except (HubConfigError, UploadError, TrainingError, ConversionError,
-            *(error for module in BATCH_COMMANDS for error in module.ERRORS)) as error:
+            *(error for module in SUBCOMMAND_MODULES for error in module.ERRORS)) as error:
         print(f"maccap {args.command}: error: {error}", file=sys.stderr)
         return 2
 

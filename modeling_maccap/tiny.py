@@ -19,28 +19,46 @@ def _byte_alphabet():
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
-def tiny_lm_tokenizer():
-    """A byte-level BPE GPT-2 tokenizer: <|endoftext|> (id 0), the 256 byte symbols, a few word merges."""
+def _merge_words(vocab, words, marker, end=False):
+    """BPE merges that build each of `words` from its letters, starting at its marked end: "Ġ" + letters left to
+    right (Ġd, Ġdo, Ġdog), or letters right to left onto the last one + "</w>" (g</w>, og</w>, dog</w>). Every
+    merge then holds the marker, so no word's merges can split another word."""
+    merges = []
+
+    def add(left, right):
+        if left + right not in vocab:
+            merges.append((left, right))
+            vocab[left + right] = len(vocab)
+        return left + right
+
+    for word in words:
+        if end:
+            piece = word[-1] + marker
+            for letter in reversed(word[:-1]):
+                piece = add(letter, piece)
+        else:
+            piece = marker
+            for letter in word:
+                piece = add(piece, letter)
+    return merges
+
+
+def tiny_lm_tokenizer(words=WORDS):
+    """A byte-level BPE GPT-2 tokenizer: <|endoftext|> (id 0), the 256 byte symbols, merges into `words`."""
     vocab = {"<|endoftext|>": 0}
     vocab.update({c: i + 1 for i, c in enumerate(_byte_alphabet())})
-    merges = []
-    for word in WORDS:  # merge "Ġ" + word letter by letter: Ġd, Ġdo, Ġdog
-        piece = "Ġ"
-        for letter in word:
-            if piece + letter not in vocab:
-                merges.append((piece, letter))
-                vocab[piece + letter] = len(vocab)
-            piece += letter
+    merges = _merge_words(vocab, words, "Ġ")
     return GPT2Tokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>")
 
 
-def tiny_clip_tokenizer():
-    """A CLIP tokenizer over single characters: <|startoftext|> = 0, <|endoftext|> = 1."""
+def tiny_clip_tokenizer(words=(), context_length=77):
+    """A CLIP tokenizer over single characters, plus merges into `words`: <|startoftext|> = 0, <|endoftext|> = 1."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     alphabet = _byte_alphabet()
     vocab.update({c: len(vocab) + i for i, c in enumerate(alphabet)})
     vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(alphabet)})
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    merges = _merge_words(vocab, words, "</w>", end=True)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
 
 
 def tiny_image_processor(backend=None):

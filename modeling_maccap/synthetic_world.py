@@ -1,0 +1,135 @@
+"""A synthetic scene world for the offline demo: coloured shapes of two sizes in the four quadrants of a small
+image, on varied backgrounds, and captions that describe only part of each scene (as real captions do).
+
+Everything is a pure function of (seed, part, index), so the world is the same on every machine. Parts are
+disjoint streams of scenes: "clip" trains the tiny CLIP on (image, caption) pairs, "text" gives the captions
+MacCap and its LM learn from (their images are used only by the upper bound), "test" is held out.
+"""
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 175, 60), "blue": (50, 90, 235), "yellow": (240, 215, 40),
+           "white": (245, 245, 245), "purple": (150, 60, 195)}
+SIZES = {"small": 0.2, "large": 0.36}  # shape extent as a fraction of the image side
+POSITIONS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
+             "bottom right": (0.75, 0.75)}
+BACKGROUNDS = ("dark", "gray", "striped", "speckled")
+PARTS = {"clip": 1, "text": 2, "test": 3}
+SUPERSAMPLE = 2  # shapes are drawn at 2x and averaged down, so their edges are anti-aliased
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    size: str
+    position: str
+
+    def phrase(self, with_size=True):
+        return f"a {self.size} {self.colour} {self.shape}" if with_size else f"a {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple
+    background: str
+    seed: int  # the scene's own random stream: background texture and position jitter
+
+    def captions(self, count, rng):
+        """`count` distinct captions (at most 8), each naming one or two of the objects (never the whole scene)."""
+        if count > 8:  # two objects, four templates: eight distinct captions
+            raise ValueError(f"a scene has at most 8 distinct captions, asked for {count}")
+        out = []
+        while len(out) < count:
+            first, second = (self.objects[i] for i in rng.permutation(len(self.objects))[:2])
+            template = int(rng.integers(4))
+            if template == 0:
+                caption = f"{first.phrase()} in the {first.position}"
+            elif template == 1:
+                caption = f"{first.phrase(False)} and {second.phrase(False)}"
+            elif template == 2:
+                caption = f"{first.phrase()} on a {self.background} background"
+            else:
+                caption = f"{first.phrase(False)} in the {first.position} and {second.phrase()}"
+            if caption not in out:
+                out.append(caption)
+        return out
+
+    def render(self, side):
+        """The scene as a (side, side, 3) uint8 array."""
+        rng = np.random.default_rng(self.seed)
+        big = side * SUPERSAMPLE
+        image = _background(self.background, big, rng)
+        y, x = _grid(big)
+        for obj in self.objects:
+            cx, cy = np.array(POSITIONS[obj.position]) + rng.uniform(-0.06, 0.06, size=2)
+            half = SIZES[obj.size] / 2
+            if obj.shape == "circle":
+                mask = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
+            elif obj.shape == "square":
+                mask = (abs(x - cx) <= half * 0.9) & (abs(y - cy) <= half * 0.9)
+            else:  # an upright triangle: apex at the top, base at the bottom
+                mask = (y <= cy + half) & (abs(x - cx) <= (y - (cy - half)) / 2)
+            image[mask] = COLOURS[obj.colour]
+        big_image = Image.fromarray(image.clip(0, 255).round().astype(np.uint8))
+        return np.asarray(big_image.resize((side, side), Image.Resampling.BOX))  # the mean of each 2x2 block
+
+
+@functools.lru_cache(maxsize=4)
+def _grid(big):
+    """Pixel-centre coordinates in [0, 1] of a big x big canvas: (y, x)."""
+    return (np.mgrid[0:big, 0:big].astype(np.float32) + 0.5) / big
+
+
+def _background(kind, big, rng):
+    shade = rng.uniform(0.8, 1.2)
+    if kind == "dark":
+        image = np.full((big, big, 3), 30.0 * shade)
+    elif kind == "gray":
+        image = np.full((big, big, 3), 128.0 * shade)
+    elif kind == "striped":
+        period = big // int(rng.integers(3, 6))
+        stripes = (np.arange(big) // (period // 2)) % 2
+        image = np.repeat((70 + 90 * stripes * shade)[:, None, None], big, 1).repeat(3, 2)
+    else:  # speckled: coarse random grey noise
+        cells = rng.uniform(40, 200, size=(big // 8, big // 8, 1))
+        image = cells.repeat(8, 0).repeat(8, 1).repeat(3, 2)
+    return image.astype(np.float32)
+
+
+def sample_scene(seed, part, index):
+    """Scene `index` of `part` ("clip", "text" or "test") in the world of `seed`: 2 or 3 objects in distinct
+    quadrants with a random shape, colour and size each, on a random background."""
+    scene_seed = int(np.random.SeedSequence([seed, PARTS[part], index]).generate_state(1)[0])
+    rng = np.random.default_rng(scene_seed)
+    count = int(rng.integers(2, 4))
+    positions = rng.permutation(list(POSITIONS))[:count]
+    kinds = [(shape, colour) for shape in SHAPES for colour in COLOURS]  # no two objects look alike
+    chosen = rng.permutation(len(kinds))[:count]
+    objects = tuple(
+        SceneObject(shape=kinds[k][0], colour=kinds[k][1], size=str(rng.choice(list(SIZES))), position=str(position))
+        for k, position in zip(chosen, positions)
+    )
+    return Scene(objects=objects, background=str(rng.choice(BACKGROUNDS)), seed=scene_seed)
+
+
+def sample_part(seed, part, count, captions_per_scene):
+    """`count` scenes of `part` with their captions: a list of (scene, captions)."""
+    out = []
+    for index in range(count):
+        scene = sample_scene(seed, part, index)
+        rng = np.random.default_rng([seed, PARTS[part], index, 1])
+        out.append((scene, scene.captions(captions_per_scene, rng)))
+    return out
+
+
+def vocabulary():
+    """Every word a caption can use."""
+    words = {"a", "and", "in", "the", "on", "background"} | set(SHAPES) | set(COLOURS) | set(SIZES)
+    words |= {w for p in POSITIONS for w in p.split()} | set(BACKGROUNDS)
+    return sorted(words)
