@@ -11,6 +11,7 @@
 """
 
 import base64
+import contextlib
 import dataclasses
 import html
 import io
@@ -30,7 +31,7 @@ MACCAP_FIELDS = ("num_queries", "aligner_layers", "aligner_heads", "aligner_ffn_
                  "num_subregions", "subregion_mode", "subregion_temperature", "patch_weight", "train_noise_variance",
                  "inference_noise_variance", "num_candidates", "rerank", "vqa_prompt")
 
-# The rows of the table: (name, which trained projector, generate() settings, what it shows).
+# The rows of the table: (name, which trained projector, config fields set for generate(), what changes).
 ROWS = (
     ("full method", "noise", {}, "subregion aggregation, noise injection in training, 4 candidates reranked by CLIP"),
     ("no training noise", "no_noise", {}, "the projector trained on clean caption embeddings (variance 0)"),
@@ -58,25 +59,25 @@ DIAGNOSTIC_LABELS = {
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo. The defaults run in about 6 minutes on 2 CPU cores."""
+    """Sizes of the demo. The defaults run in about 8 minutes on 2 CPU cores."""
 
     seed: int = 0
     image_size: int = 32
     patch_size: int = 8  # 16 patches + CLS = 17 vision tokens, enough for k = 10 subregions
     clip_scenes: int = 8000
-    text_scenes: int = 8000
+    text_scenes: int = 6000
     test_scenes: int = 200
     captions_per_scene: int = 5
     width: int = 64  # CLIP towers' and the LM's hidden size
     layers: int = 2
     projection_dim: int = 64
     batch_size: int = 128
-    clip_steps: int = 2000
+    clip_steps: int = 1500
     clip_learning_rate: float = 2e-3
     lm_steps: int = 300
     lm_learning_rate: float = 2e-3
     lm_captions_per_document: int = 3
-    projector_steps: int = 500
+    projector_steps: int = 400
     projector_learning_rate: float = 3e-3
     num_queries: int = 8
     contact_sheet_images: int = 24
@@ -91,7 +92,7 @@ def _clip_folder(settings, scenes, images, folder, log):
     from .tiny import tiny_clip_tokenizer, tiny_image_processor
 
     tokenizer = tiny_clip_tokenizer(world.vocabulary(), context_length=32)
-    image_processor = tiny_image_processor("pil")
+    image_processor = tiny_image_processor("pil", side=settings.image_size)
     tower = dict(hidden_size=settings.width, intermediate_size=2 * settings.width, num_hidden_layers=settings.layers,
                  num_attention_heads=4)
     config = CLIPConfig(
@@ -230,23 +231,22 @@ def _train_on_image_features(hub_config_path, images, captions, output_dir):
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def _caption(model, processor, images, seed, overrides, batch_size=50):
+def _caption(model, processor, images, seed, config_overrides, batch_size=50):
+    """Captions of `images` by `generate()`, with some config fields (subregion_mode, rerank) set for the call."""
     import torch
 
-    config_before = {name: getattr(model.config, name) for name in overrides if hasattr(model.config, name)}
-    generate_kwargs = {name: value for name, value in overrides.items() if name not in config_before}
-    for name, value in overrides.items():
-        if name in config_before:
-            setattr(model.config, name, value)
+    before = {name: getattr(model.config, name) for name in config_overrides}
+    for name, value in config_overrides.items():
+        setattr(model.config, name, value)
     try:
         captions = []
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
                 inputs = processor(images=images[start:start + batch_size])
-                ids = model.generate(pixel_values=inputs["pixel_values"], noise_seed=seed, **generate_kwargs)
-                captions += processor.batch_decode(ids)
+                captions += processor.batch_decode(model.generate(pixel_values=inputs["pixel_values"],
+                                                                  noise_seed=seed))
     finally:
-        for name, value in config_before.items():
+        for name, value in before.items():
             setattr(model.config, name, value)
     return captions
 
@@ -301,8 +301,9 @@ def _findings(table, diagnostics, settings):
     out = [f"How much the prefix tells the frozen LM: on each held-out image's first reference the LM alone has a "
            f"loss of {d['loss_lm_alone']:.3f} nats per token; with the prefix from that caption's own CLIP "
            f"embedding {d['loss_prefix_from_caption_embedding']:.3f}, and from the image "
-           f"{d['loss_prefix_from_image']:.3f}. The full method writes {d['distinct_captions_full_method']} distinct "
-           f"captions for {settings.test_scenes} images."]
+           f"{d['loss_prefix_from_image']:.3f} (the distance between the two is the modality gap the method must "
+           f"bridge). The full method writes {d['distinct_captions_full_method']} distinct captions for "
+           f"{settings.test_scenes} images."]
 
     def delta(name):
         return full - table[name]["CIDEr"]
@@ -340,10 +341,17 @@ def _findings(table, diagnostics, settings):
         out.append(f"The upper bound (the projector trained on image features, which a text-only method never has) "
                    f"is {gain:.3f} CIDEr above the full method: the cost of training on text alone here.")
     else:
+        if d["loss_prefix_from_image_upper_bound"] >= d["loss_lm_alone"] - 0.01:
+            why = (f"Its prefix from the image tells the LM nothing measurable: caption loss "
+                   f"{d['loss_prefix_from_image_upper_bound']:.3f} against {d['loss_lm_alone']:.3f} for the LM alone, "
+                   "so beam search writes the LM's own most likely captions.")
+        else:
+            why = (f"Its prefix from the image lowers the caption loss to {d['loss_prefix_from_image_upper_bound']:.3f} "
+                   f"(LM alone {d['loss_lm_alone']:.3f}, full method {d['loss_prefix_from_image']:.3f}), but a lower "
+                   "teacher-forced loss does not make beam search's captions closer to the references here.")
         out.append(f"The upper bound is not above the full method (CIDEr {gain:+.3f}). An image embedding does not say "
-                   "which part of its scene a caption describes, so it is a weaker training signal than the caption's "
-                   "own embedding: with the image's prefix the upper bound's caption loss is "
-                   f"{d['loss_prefix_from_image_upper_bound']:.3f}, the full method's {d['loss_prefix_from_image']:.3f}.")
+                   f"which part of its scene a caption describes, so it is a vaguer training target than the caption's "
+                   f"own embedding. {why}")
     return out
 
 
@@ -352,23 +360,46 @@ def run_demo(output_dir, settings=DemoSettings(), log=print):
     """Build the world, train CLIP, the LM and three projectors, caption the test part in the five settings of
     ROWS, score them, and write `results.json`, `results.md`, `predictions.json` and `contact_sheet.html` into
     `output_dir`. Returns the results dictionary."""
+    from .evaluation import find_java
+
+    java = find_java()  # before minutes of training, not after
+    with _quiet():
+        return _run(Path(output_dir), settings, log, java)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers' and datasets' warnings and progress bars off while the demo prints its own progress."""
     import datasets
-    import torch
-    from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
-    from .evaluation import caption_metrics, find_java
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    dataset_bars = datasets.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if dataset_bars:
+            datasets.enable_progress_bars()
+
+
+def _run(output_dir, settings, log, java):
+    import torch
+    from transformers import set_seed
+
+    from .configuration_maccap import MacCapConfig
+    from .evaluation import caption_metrics
     from .modeling_maccap import MacCapForConditionalGeneration
     from .training import train
 
-    java = find_java()  # before minutes of training, not after
     started = time.perf_counter()
-    output_dir = Path(output_dir)
     work = output_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
-    hf_logging.set_verbosity_error()  # the demo prints its own progress
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
     timings = {}
 
     def stage(name, function, *args, **kwargs):
@@ -398,13 +429,14 @@ def run_demo(output_dir, settings=DemoSettings(), log=print):
                         work / "clip", log)
     lm_folder = stage("LM (pretrained on text part captions)", _lm_folder, settings, parts["text"], work / "lm", log)
     folders = {}
-    for name, variance in (("noise", 0.016), ("no_noise", 0.0)):
+    paper_variance = MacCapConfig().train_noise_variance
+    for name, variance in (("noise", paper_variance), ("no_noise", 0.0)):
         hub_config = _hub_config(settings, work, captions_file, clip_folder, lm_folder, variance)
         folders[name] = stage(f"projector, text only, noise variance {variance:g}", train, hub_config,
-                              work / f"maccap-{name}",
-                              cache_dir=work / "features")
+                              work / f"maccap-{name}", cache_dir=work / "features")
     folders["image"] = stage("projector on image features (upper bound)", _train_on_image_features,
-                             _hub_config(settings, work, captions_file, clip_folder, lm_folder, 0.016), images["text"],
+                             _hub_config(settings, work, captions_file, clip_folder, lm_folder, paper_variance),
+                             images["text"],
                              text_captions, work / "maccap-image")
 
     models = {name: MacCapForConditionalGeneration.from_pretrained(folder).eval() for name, folder in folders.items()}
@@ -424,7 +456,7 @@ def run_demo(output_dir, settings=DemoSettings(), log=print):
         "settings": dataclasses.asdict(settings),
         "torch_threads": torch.get_num_threads(),
         "metrics": table,
-        "metric_scale": "pycocoevalcap's 0-1 scale (x100 for the usual CIDEr figures)",
+        "metric_scale": "0-1, as pycocoevalcap reports them (x100 for the usual CIDEr figures)",
         "rows": {row: description for row, _, _, description in ROWS},
         "diagnostics": diagnostics,
         "findings": _findings(table, diagnostics, settings),

@@ -61,13 +61,13 @@ def tiny_clip_tokenizer(words=(), context_length=77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
 
 
-def tiny_image_processor(backend=None):
-    """CLIP's image processor at 32 px; `backend` "pil" or "torchvision" (default: torchvision if installed)."""
+def tiny_image_processor(backend=None, side=32):
+    """CLIP's image processor at `side` px; `backend` "pil" or "torchvision" (default: torchvision if installed)."""
     from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
     backend = backend or ("torchvision" if is_torchvision_available() else "pil")
     cls = CLIPImageProcessor if backend == "torchvision" else CLIPImageProcessorPil
-    return cls(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
 def tiny_clip(vocab_size, seed=0):

@@ -9,8 +9,10 @@ import re
 import shutil
 from pathlib import Path
 
+import datasets
 import pytest
 from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
 
 from modeling_maccap import MacCapConfig, demo, evaluation
 from modeling_maccap.cli import main
@@ -33,6 +35,8 @@ def demo_runs(tmp_path_factory):
     """The demo run twice with the same seed, in two folders: through `maccap demo` (at the tiny size), then
     through `run_demo`."""
     folders = [tmp_path_factory.mktemp(f"demo{i}") for i in range(2)]
+    logging_state = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+                     datasets.is_progress_bar_enabled())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(demo, "DemoSettings", lambda seed: dataclasses.replace(TINY, seed=seed))
         out = io.StringIO()
@@ -40,7 +44,11 @@ def demo_runs(tmp_path_factory):
             assert main(["demo", "--output-dir", str(folders[0]), "--seed", "0"]) == 0
     cli_results = json.loads((folders[0] / "results.json").read_text())
     assert demo.results_markdown(cli_results) in out.getvalue()  # the table is printed, not only written
-    return [(folders[0], cli_results), (folders[1], run_demo(folders[1], TINY, log=lambda line: None))]
+    runs = [(folders[0], cli_results), (folders[1], run_demo(folders[1], TINY, log=lambda line: None))]
+    # The demo silences transformers' and datasets' logs and progress bars while it runs, and only then.
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+            datasets.is_progress_bar_enabled()) == logging_state
+    return runs
 
 
 def test_without_java_the_demo_stops_before_training_with_one_clear_error(tmp_path, monkeypatch, capsys):
@@ -152,4 +160,6 @@ def test_each_finding_says_whether_its_component_helps_and_why_not_when_it_does_
     # The reasons quote the measured diagnostics.
     assert "0.30" in not_helping[1] and "0.70" in not_helping[1] and f"{TINY.projection_dim}-dimensional" in not_helping[1]
     assert "0.10" in not_helping[2] and "20%" in not_helping[3]
-    assert "0.650" in not_helping[4] and "0.600" in not_helping[4]
+    assert "lowers the caption loss to 0.650" in not_helping[4] and "0.600" in not_helping[4]
+    silent = _findings(_table(0.5, **better), {**DIAGNOSTICS, "loss_prefix_from_image_upper_bound": 0.76}, TINY)
+    assert "tells the LM nothing measurable: caption loss 0.760 against 0.750" in silent[4]
