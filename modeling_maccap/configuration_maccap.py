@@ -1,8 +1,8 @@
 """MacCap configuration: a frozen CLIP, a trainable projector (queries + aligner + MLP), a frozen causal LM."""
 
-from transformers import AutoConfig, CLIPConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec, strict
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from .transformers_compat import SubConfigSpec, is_causal_lm_type, strict  # first: it checks the transformers version
+
+from transformers import AutoConfig, CLIPConfig, PreTrainedConfig  # noqa: E402, I001
 
 SUBREGION_MODES = ("attention", "cls")
 
@@ -30,6 +30,9 @@ class MacCapConfig(PreTrainedConfig):
         inference_noise_variance (`float`): variance of the noise injected into image features at inference.
         num_candidates (`int`): noisy draws (candidate captions) per image when reranking.
         rerank (`bool`): whether `generate()` reranks the candidates with CLIP by default.
+        rerank_max_characters (`int`, *optional*): score each candidate on its first this many characters (the
+            reference code's 80, set by `maccap convert-original`); None scores the whole caption (up to CLIP's 77
+            tokens).
         vqa_prompt (`str`): the zero-shot VQA prompt placed after the prefix; must contain "{question}".
     """
 
@@ -54,6 +57,7 @@ class MacCapConfig(PreTrainedConfig):
     inference_noise_variance: float = 0.016
     num_candidates: int = 4
     rerank: bool = True
+    rerank_max_characters: int | None = None
     vqa_prompt: str = "Question: {question} Short answer:"
 
     def __post_init__(self, **kwargs):
@@ -69,7 +73,7 @@ class MacCapConfig(PreTrainedConfig):
     def validate_text_config(self):
         if self.text_config is not None and not isinstance(self.text_config, dict):
             model_type = getattr(self.text_config, "model_type", None)
-            if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            if not is_causal_lm_type(model_type):
                 raise ValueError(
                     f"text_config must be the config of a causal LM (one AutoModelForCausalLM knows), "
                     f"got model_type {model_type!r}"
@@ -83,6 +87,8 @@ class MacCapConfig(PreTrainedConfig):
         for name in ("train_noise_variance", "inference_noise_variance", "aligner_dropout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rerank_max_characters is not None and self.rerank_max_characters < 1:
+            raise ValueError(f"rerank_max_characters must be >= 1 or None, got {self.rerank_max_characters}")
         if self.subregion_temperature <= 0:
             raise ValueError(f"subregion_temperature must be > 0, got {self.subregion_temperature}")
 

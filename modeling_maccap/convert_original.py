@@ -5,6 +5,11 @@ The reference saves `{"model": state_dict, "optimizer", "lr_scheduler", "epoch",
 `clip_model.*` (OpenAI CLIP layout), `model.*` (the Hugging Face LM), `query_fusion` (the queries), `aligner` (a
 DETR decoder) and `align_proj` (the MLP). Frozen parts may have been left out; they then come from `--clip` /
 `--lm`. The file is read with `torch.load(weights_only=True)`: tensors, containers and argparse.Namespace only.
+
+A converted model decodes as the reference does: beam 4, `decoding_len` new tokens, candidates scored on their first
+80 characters, the reference's caption cleaning and image preprocessing, all in float32. The reference decodes after
+`question_embed`, the LM's embeddings of `tokenizer(eval_desc)` taken when training began; MacCap decodes after the
+LM's own embedding of BOS, which is the same only for `eval_desc=''` and a frozen LM, so other checkpoints are refused.
 """
 
 import argparse
@@ -21,13 +26,15 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 logger = logging.getLogger(__name__)
 
 PROJECTOR_PREFIXES = ("query_fusion.", "aligner.", "align_proj.")
-# Also in the reference state dict, not needed: the LM's input embeddings a second time (`llm_vocab`), the VQA
-# prompt embeddings, DeCap's memory bank.
+# Also in the reference state dict, not needed: the LM's input embeddings a second time (`llm_vocab`), the prompt
+# embeddings (`question_embed`, checked against the LM's in `check_prompt`), DeCap's memory bank.
 IGNORED = ("llm_vocab.weight", "question_embed", "memory_bank")
 # Attention-mask buffers that transformers 4.x GPT-2 kept in its state dict.
 OLD_LM_BUFFERS = re.compile(r".*\.attn\.(bias|masked_bias)$")
 REFERENCE_HEADS = 8  # TransformerDecoderLayer(prefix_size, 8) in the reference code
 REFERENCE_DROPOUT = 0.1
+REFERENCE_DECODING_LEN = 16  # --decoding_len
+REFERENCE_RERANK_CHARACTERS = 80  # clip.tokenize(t[:80]) in its evaluation loop
 
 
 class ConversionError(ValueError):
@@ -124,7 +131,32 @@ def reference_settings(projector, args):
         train_noise_variance=args.get("noise_variance", 0.016),
         inference_noise_variance=args.get("noise_k", 0.016),
         patch_weight=args.get("infer_patch_weight", 1.0),
+        rerank_max_characters=REFERENCE_RERANK_CHARACTERS,
     )
+
+
+def check_prompt(state, args, lm_model, tokenizer):
+    """Refuse a checkpoint whose captions follow another prompt than the LM's own embedding of BOS (what MacCap
+    decodes after): a text prompt (`eval_desc`), or a fine-tuned LM, whose `question_embed` is the LM's embedding of
+    BOS from before fine-tuning."""
+    desc = args.get("eval_desc") or ""
+    if desc:
+        raise ConversionError(f"the checkpoint captions after the text prompt eval_desc={desc!r}; maccap converts "
+                              "checkpoints that caption after the prefix and BOS alone (eval_desc '')")
+    if args.get("ft_llm"):
+        raise ConversionError("the checkpoint fine-tuned its LM (ft_llm): the reference then decodes after the LM's "
+                              "embedding of BOS from before fine-tuning (question_embed), which a converted model "
+                              "cannot reproduce; not converted")
+    if "question_embed" in state:
+        ids = torch.tensor(tokenizer(desc)["input_ids"], dtype=torch.long)
+        with torch.no_grad():
+            expected = lm_model.get_input_embeddings()(ids).float()
+        got = state["question_embed"].float()
+        # The reference's LM ran in fp16, so its embeddings are fp16-rounded.
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3):
+            raise ConversionError(f"the checkpoint's prompt embeddings (question_embed, {tuple(got.shape)}) are not the "
+                                  f"LM's embeddings of {ids.tolist()} (tokenizer('')): it was prompted otherwise, or "
+                                  "trained with another LM; not converted")
 
 
 class _KeyRecorder(dict):
@@ -158,7 +190,7 @@ def _checkpoint_clip(weights):
 
 
 def _load_lm(lm, weights):
-    model = AutoModelForCausalLM.from_pretrained(lm)
+    model = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32)  # as a saved MacCap reloads
     if weights:
         weights = {k: v for k, v in weights.items() if not OLD_LM_BUFFERS.match(k)}
         result = model.load_state_dict(weights, strict=False)
@@ -186,12 +218,14 @@ def convert(checkpoint, lm, out=None, clip=None):
         processor = MacCapProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(lm),
                                     clip_tokenizer=clip_tokenizer)
     elif clip:
-        clip_model, processor = load_clip_model(clip), MacCapProcessor.from_pretrained_components(clip=clip, lm=lm)
+        clip_model = load_clip_model(clip, dtype=torch.float32)
+        processor = MacCapProcessor.from_pretrained_components(clip=clip, lm=lm)
     else:
         raise ConversionError("the checkpoint holds no CLIP weights (clip_model.*): pass --clip, e.g. "
                               "openai/clip-vit-base-patch32 or open_clip:ViT-B-32/openai")
     lm_model = _load_lm(lm, parts["lm"])
     settings = reference_settings(parts["projector"], args)
+    check_prompt(state, args, lm_model, processor.tokenizer)
 
     width = parts["projector"]["query_fusion.weight"].shape[1]
     if width != clip_model.config.projection_dim:
@@ -211,6 +245,7 @@ def convert(checkpoint, lm, out=None, clip=None):
             f"the projector weights do not fit: missing {_listing(map(reference_key, result.missing_keys)) or 'none'}; "
             f"unexpected {_listing(map(reference_key, result.unexpected_keys)) or 'none'}")
     model.requires_grad_(False).eval()
+    model.generation_config.max_new_tokens = args.get("decoding_len", REFERENCE_DECODING_LEN)
     if not processor.tokenizer("")["input_ids"]:
         logger.warning(f"{lm}'s tokenizer adds no BOS token: the reference code trained and prompted this LM with "
                        "nothing after the prefix, while MacCap puts BOS there; captions can differ from the reference's")

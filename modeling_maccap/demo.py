@@ -29,7 +29,7 @@ from .evaluation import EvaluationError
 
 MACCAP_FIELDS = ("num_queries", "aligner_layers", "aligner_heads", "aligner_ffn_dim", "aligner_dropout",
                  "num_subregions", "subregion_mode", "subregion_temperature", "patch_weight", "train_noise_variance",
-                 "inference_noise_variance", "num_candidates", "rerank", "vqa_prompt")
+                 "inference_noise_variance", "num_candidates", "rerank", "rerank_max_characters", "vqa_prompt")
 
 # The rows of the table: (name, which trained projector, config fields set for generate(), what changes).
 ROWS = (

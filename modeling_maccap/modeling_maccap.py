@@ -6,15 +6,23 @@ replaces the text embedding by k image subregion features, draws several noisy c
 them in batched LM calls and keeps the one CLIP finds closest to the image (reranking).
 """
 
-import copy
+from .transformers_compat import (  # first: it checks the transformers version
+    CACHE_ARGUMENTS,
+    accepts_argument,
+    cache_argument,
+    clip_last_layer_attention,
+    completed_generation_config,
+    generate_pad_id,
+)
+
+import copy  # noqa: I001
 import hashlib
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, CLIPModel, GenerationMixin, PreTrainedModel
 from transformers.generation import GenerationMode
 from transformers.utils import ModelOutput, logging
 
@@ -175,7 +183,7 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
 
     def __init__(self, config, clip=None, language_model=None):
         super().__init__(config)
-        self.clip = clip if clip is not None else CLIPModel._from_config(config.clip_config)
+        self.clip = clip if clip is not None else AutoModel.from_config(config.clip_config)
         self.projector = MacCapProjector(config)
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
@@ -194,7 +202,7 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         """Assemble a MacCap around a built `CLIPModel` and causal LM; `config_kwargs` set `MacCapConfig` fields."""
         for sub in (clip_model.config, clip_model.config.text_config, clip_model.config.vision_config,
                     language_model.config):
-            sub._name_or_path = ""  # don't leak local paths of the components into config.json
+            sub.name_or_path = ""  # don't leak local paths of the components into config.json
         config = MacCapConfig(clip_config=clip_model.config, text_config=language_model.config, **config_kwargs)
         return cls(config, clip=clip_model, language_model=language_model)
 
@@ -259,20 +267,9 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         self._check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(vision.embeddings.patch_embedding.weight.device,
                                        vision.embeddings.patch_embedding.weight.dtype)
-        last_layer = vision.encoder.layers[-1]
-        captured = {}
-        # The last layer's attention input is caught with a hook and its probabilities recomputed from q and k,
-        # so the tower keeps its fast attention (SDPA/flash) instead of switching every layer to eager.
-        hook = last_layer.layer_norm1.register_forward_hook(lambda mod, inp, out: captured.update(h=out))
-        try:
-            hidden = vision(pixel_values=pixel_values).last_hidden_state
-        finally:
-            hook.remove()
-        attn, h = last_layer.self_attn, captured["h"]
-        batch, tokens, _ = h.shape
-        q = attn.q_proj(h).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2).float()
-        k = attn.k_proj(h).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2).float()
-        attentions = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1).mean(1)  # A: (batch, T, T)
+        # A: the last layer's attention, recomputed from its q and k so the tower keeps SDPA (not eager everywhere).
+        hidden, attentions = clip_last_layer_attention(vision, pixel_values)
+        tokens = attentions.shape[-1]
 
         token_embeds = F.normalize(self.clip.visual_projection(vision.post_layernorm(hidden)).float(), dim=-1)
         image_embeds = token_embeds[:, 0]  # g: the projected CLS is token 0 of P
@@ -348,8 +345,10 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         prefix = prefix.to(embed.weight.device, embed.weight.dtype)
         inputs_embeds = torch.cat([prefix, embed(input_ids)], dim=1)
         mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-        logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask,
-                                     logits_to_keep=input_ids.shape[1]).logits
+        text_len = input_ids.shape[1]
+        # Only the text positions' logits (an LM without logits_to_keep computes them all, and they are cut).
+        keep = {"logits_to_keep": text_len} if accepts_argument(self.language_model, "logits_to_keep") else {}
+        logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, **keep).logits[:, -text_len:]
 
         loss = None
         if labels is not None:
@@ -373,9 +372,11 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         the LM runs them (rows x beams, or x num_return_sequences; at least one row per call). The result is that
         of one call: shorter calls' new tokens are padded as generate pads. `max_decode_rows=None` (default): 128
         on CPU (the fastest there for GPT-2), no limit on other devices or when sampling (the random draws would
-        follow the split); always one call with your own `past_key_values`. With beam search or several returned
-        sequences, each row's [prefix | prompt] is run once and its cache shared by its beams (not when you pass
-        `past_key_values`, `use_cache=False`, a `cache_implementation` or an assistant model)."""
+        follow the split); always one call with your own cache (`cache`, or `past_key_values` before transformers
+        5.24). With beam search or several returned sequences, each row's [prefix | prompt] is run once and its
+        cache shared by its beams (not with your own cache, `use_cache=False`, a `cache_implementation` or an
+        assistant model; where it is expected but this transformers or LM cannot do it, a one-time warning says
+        why)."""
         if pixel_values is None:
             raise ValueError("generate needs pixel_values (use the processor on your images)")
         if max_decode_rows is not None and (type(max_decode_rows) is not int or max_decode_rows < 1):
@@ -433,27 +434,25 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
     def _decode(self, inputs_embeds, mask, gen_config, model_kwargs, max_rows):
         """The new tokens of `language_model.generate` on these rows, in calls of at most `max_rows` LM rows."""
         lm = self.language_model
-        config, _ = lm._prepare_generation_config(gen_config)  # as the LM's generate completes it (its defaults)
-        expand = max(config.num_beams, config.num_return_sequences)  # rows per input row, as generate expands them
+        config = completed_generation_config(lm, gen_config) or gen_config  # with the LM's defaults, as generate has
+        expand = max(config.num_beams or 1, config.num_return_sequences or 1)  # LM rows per input row
         if max_rows is None and inputs_embeds.device.type == "cpu" and not config.do_sample:
             max_rows = CPU_DECODE_ROWS
-        if "past_key_values" in model_kwargs:
+        own_cache = bool(set(CACHE_ARGUMENTS) & model_kwargs.keys())
+        if own_cache:
             max_rows = None  # the caller's cache serves one call
-        params = inspect.signature(lm.base_model.forward).parameters
-        share = (expand > 1 and config.get_generation_mode() in _EXPANDED_MODES and config.use_cache
-                 and config.cache_implementation is None and config.prefill_chunk_size is None
-                 and not {"past_key_values", "assistant_model", "custom_generate"} & model_kwargs.keys()
-                 and {"position_ids", "past_key_values"} <= params.keys())
+        cache_name = self._shared_prefill_cache_name(config, expand, model_kwargs, own_cache)
 
         def run(embeds, attn):
             kwargs = dict(model_kwargs)
-            if share:
+            if cache_name is not None:
                 # All but the last position, once per row, at the positions generate derives from the mask.
                 positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
-                cache = lm.base_model(inputs_embeds=embeds[:, :-1], attention_mask=attn[:, :-1],
-                                      position_ids=positions[:, :-1], use_cache=True).past_key_values
+                out = lm.base_model(inputs_embeds=embeds[:, :-1], attention_mask=attn[:, :-1],
+                                    position_ids=positions[:, :-1], use_cache=True)
+                cache = getattr(out, cache_name)
                 cache.batch_repeat_interleave(expand)
-                kwargs["past_key_values"] = cache  # generate then runs only the last position
+                kwargs[cache_name] = cache  # generate then runs only the last position
             return lm.generate(inputs_embeds=embeds, attention_mask=attn, generation_config=gen_config, **kwargs)
 
         rows = inputs_embeds.shape[0]
@@ -462,13 +461,38 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         if len(chunks) == 1:
             return chunks[0]
         length = max(chunk.shape[1] for chunk in chunks)
-        pad = _generate_pad_id(config)
+        pad = generate_pad_id(config)
         return torch.cat([F.pad(chunk, (0, length - chunk.shape[1]), value=pad) for chunk in chunks])
+
+    def _shared_prefill_cache_name(self, config, expand, model_kwargs, own_cache):
+        """The LM's cache argument when each row's [prefix | prompt] can be run once and its cache shared by the
+        row's beams (or returned sequences); None when decoding does not expand rows or the caller's options rule
+        it out. Where it is expected but the LM or transformers cannot do it, warn once (the slow path)."""
+        if not (expand > 1 and config.get_generation_mode() in _EXPANDED_MODES and config.use_cache is not False
+                and config.cache_implementation is None and getattr(config, "prefill_chunk_size", None) is None
+                and not own_cache and not {"assistant_model", "custom_generate"} & model_kwargs.keys()):
+            return None
+        base = self.language_model.base_model
+        name = cache_argument(base)
+        missing = [what for what, ok in (
+            ("the LM's completed generation config (GenerationMixin._prepare_generation_config)",
+             completed_generation_config(self.language_model, config) is not None),
+            (f"a cache argument ({' or '.join(CACHE_ARGUMENTS)}) of {type(base).__name__}.forward", name is not None),
+            (f"position_ids in {type(base).__name__}.forward", accepts_argument(base, "position_ids")),
+        ) if not ok]
+        if missing:
+            logger.warning_once("MacCap generate: the prefix cache cannot be shared by the beams, so every beam runs "
+                                f"the whole [prefix | prompt] (slower, same captions): missing {'; '.join(missing)}")
+            return None
+        return name
 
     def score_captions(self, captions, image_embeds, processor=None):
         """CLIP cosine between each caption and its image embedding, in one CLIP text call at the captions' real
-        length (padded to the longest, not to CLIP's context)."""
+        length (padded to the longest, not to CLIP's context); on the first config.rerank_max_characters characters
+        when that is set."""
         processor = processor or self.processor
+        if self.config.rerank_max_characters is not None:
+            captions = [caption[: self.config.rerank_max_characters] for caption in captions]
         tokens = processor.clip_text_inputs(captions)
         text = self.get_text_embeds(tokens["input_ids"], tokens["attention_mask"])
         return (text * image_embeds.to(text.device)).sum(-1)
@@ -500,17 +524,6 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
                                   **{**VQA_GENERATE_DEFAULTS, **generate_kwargs})
         texts = processor.tokenizer.batch_decode(sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
         return [(text.strip().splitlines() or [""])[0].strip() for text in texts]
-
-
-def _generate_pad_id(config):
-    """The id transformers' generate fills finished rows with: the pad id (EOS without one); beam search takes EOS
-    for a pad id of 0, and -1 without EOS."""
-    eos = config.eos_token_id
-    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-    pad = eos if config.pad_token_id is None else config.pad_token_id
-    if config.num_beams > 1:
-        return -1 if eos is None else (pad or eos)
-    return -1 if pad is None else pad
 
 
 def _check_questions(questions, batch):

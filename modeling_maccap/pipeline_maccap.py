@@ -4,7 +4,9 @@ transformers 5 folded "image-to-text" into "image-text-to-text", which insists o
 a bare image, so the saved config.json names this class under "image-to-text" in `custom_pipelines`.
 """
 
-from transformers import Pipeline
+from .transformers_compat import pipeline_generate_kwargs  # first: it checks the transformers version
+
+from transformers import Pipeline  # noqa: E402, I001
 
 
 class MacCapImageToTextPipeline(Pipeline):
@@ -12,6 +14,8 @@ class MacCapImageToTextPipeline(Pipeline):
     `prompt=` adds text after the prefix (e.g. a VQA prompt); `generate_kwargs=` and `max_new_tokens=` reach
     `model.generate` (e.g. `generate_kwargs={"rerank": False, "num_candidates": 8, "noise_seed": 1}`)."""
 
+    # What pipeline() loads beside the model, and the generation hooks of the Pipeline base (transformers_compat
+    # lists these flags; a test checks that transformers still reads them).
     _load_processor = True
     _load_image_processor = False
     _load_feature_extractor = False
@@ -35,7 +39,7 @@ class MacCapImageToTextPipeline(Pipeline):
         return self.processor(images=image, text=prompt, return_tensors="pt")
 
     def _forward(self, model_inputs, generate_kwargs=None):
-        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {})
+        generate_kwargs = pipeline_generate_kwargs(self, generate_kwargs or {})
         sequences = self.model.generate(**model_inputs, processor=self.processor, **generate_kwargs)
         # A dict of per-row tensors, so the pipeline can split a batch back into items.
         return {"new_tokens": sequences[:, model_inputs["input_ids"].shape[1]:]}

@@ -1,21 +1,28 @@
 """MacCap processor: CLIP image processor, LM tokenizer (primary), CLIP tokenizer; caption cleaning."""
 
-import importlib
+from .transformers_compat import PIL, image_processor_with_backend  # first: checks the transformers version
+
+import importlib  # noqa: I001
 import os
 import re
 
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
-from transformers.image_utils import PIL  # Pillow (PIL.Image, PIL.ImageOps), as transformers' image code imports it
 
 Image = PIL.Image
 
 
 def clean_caption(text):
-    """The reference's output cleaning: keep [a-zA-Z0-9 ,.], collapse spaces and repeated periods."""
+    """The reference's output cleaning, in its order: keep what follows the last "Answer:", drop "<PAD>", keep
+    [a-zA-Z0-9 ,.], collapse spaces and repeated periods, then drop each run of four digits (the spaces around one
+    stay, as in the reference), and strip."""
+    if "Answer:" in text:
+        text = text.split("Answer:")[-1]
+    text = text.replace("<PAD>", "")
     text = re.sub(r"[^a-zA-Z0-9 ,.]", "", text)
     text = re.sub(r" +", " ", text)
     text = re.sub(r"\.+", ".", text)
+    text = re.sub(r"[0-9]{4}", "", text)
     return text.strip()
 
 
@@ -132,10 +139,20 @@ class MacCapProcessor(ProcessorMixin):
         tokenizer: the LM's tokenizer (primary: used by `batch_decode`).
         clip_tokenizer: CLIP's tokenizer.
         max_caption_length (`int`, defaults to 25): LM tokens kept per training caption (BOS/EOS not counted).
+        image_backend (`str`, *optional*): "pil" or "torchvision", the backend the image processor was
+            built with (by default the given one's). Saved, so that a reloaded processor resizes exactly as the saved
+            one did: a saved image processor config names no backend, and reloads on torchvision where it is installed.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, clip_tokenizer=None, max_caption_length=25, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, clip_tokenizer=None, max_caption_length=25,
+                 image_backend=None, **kwargs):
         self.max_caption_length = max_caption_length
+        if image_processor is not None:
+            if image_backend is None:
+                image_backend = getattr(image_processor, "backend", None)
+            else:
+                image_processor = image_processor_with_backend(image_processor, image_backend)
+        self.image_backend = image_backend
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; padding is masked anyway
         super().__init__(image_processor, tokenizer, clip_tokenizer, **kwargs)

@@ -12,7 +12,7 @@ def test_defaults_are_the_reference_setting_of_method_md():
     assert (c.num_queries, c.aligner_layers, c.aligner_heads, c.aligner_ffn_dim, c.aligner_dropout) == (32, 1, 8, 2048, 0.1)
     assert (c.num_subregions, c.subregion_mode, c.subregion_temperature, c.patch_weight) == (10, "attention", 1.0, 1.0)
     assert (c.train_noise_variance, c.inference_noise_variance) == (0.016, 0.016)
-    assert (c.num_candidates, c.rerank) == (4, True)
+    assert (c.num_candidates, c.rerank, c.rerank_max_characters) == (4, True, None)
     assert c.vqa_prompt == "Question: {question} Short answer:"
     assert isinstance(c.clip_config, CLIPConfig) and isinstance(c.text_config, GPT2Config)
     assert c.projector_dim == 512  # CLIP ViT-B/32's joint space
@@ -50,6 +50,7 @@ def test_sub_configs_keep_sdpa_attention():
         (dict(num_subregions=0), "num_subregions must be >= 1"),
         (dict(train_noise_variance=-0.1), "train_noise_variance must be >= 0"),
         (dict(subregion_temperature=0.0), "subregion_temperature must be > 0"),
+        (dict(rerank_max_characters=0), "rerank_max_characters must be >= 1 or None"),
         (dict(vqa_prompt="no placeholder"), "vqa_prompt must contain"),
         (dict(num_queries="32"), "num_queries"),
     ],

@@ -4,6 +4,7 @@ code's structure (OpenAI CLIP with the last block's attention, DETR decoder, MLP
 
 import argparse
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +13,6 @@ from torch import nn
 
 open_clip = pytest.importorskip("open_clip")
 
-from modeling_maccap import clean_caption  # noqa: E402
 from modeling_maccap.cli import main  # noqa: E402
 from modeling_maccap.convert_original import convert  # noqa: E402
 from modeling_maccap.modeling_maccap import noise_injection  # noqa: E402
@@ -23,6 +23,17 @@ from modeling_maccap.tiny import tiny_lm_tokenizer  # noqa: E402
 from .conftest import random_image  # noqa: E402
 
 K, VARIANCE, PATCH_WEIGHT = 6, 0.02, 0.7
+
+
+def reference_clean(text):
+    """The reference's caption cleaning (its clean_func), step by step."""
+    if "Answer:" in text:
+        text = text.split("Answer:")[-1].strip()
+    if "<PAD>" in text:
+        text = text.replace("<PAD>", "").strip()
+    for pattern, replacement in ((r"[^a-zA-Z\d ,.]", ""), (r"[ ]+", " "), (r"[.]+", "."), (r"[0-9]{4}", "")):
+        text = re.sub(pattern, replacement, text)
+    return text.strip()
 
 
 class ReferenceLayer(nn.Module):
@@ -44,7 +55,7 @@ class ReferenceLayer(nn.Module):
 class ReferenceMacCap(nn.Module):
     """The module tree of the reference MacCap, so its state_dict has the reference checkpoint's keys."""
 
-    def __init__(self, clip_model, lm, num_query=5, layers=2, ffn=48):
+    def __init__(self, clip_model, lm, question_ids, num_query=5, layers=2, ffn=48):
         super().__init__()
         d = clip_model.text_projection.shape[1]
         self.clip_model, self.model = clip_model, lm
@@ -55,7 +66,8 @@ class ReferenceMacCap(nn.Module):
         self.aligner.norm = nn.LayerNorm(d)
         self.align_proj = nn.Module()
         self.align_proj.layers = nn.ModuleList([nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, lm.config.hidden_size)])
-        self.register_buffer("question_embed", torch.zeros(1, lm.config.hidden_size))
+        # The prompt after the prefix: the LM's embeddings of tokenizer(eval_desc), taken when training begins.
+        self.register_buffer("question_embed", self.llm_vocab(question_ids).detach())
 
     def visual(self, x):
         """OpenAI CLIP's ViT returning the projected CLS, all ln_post tokens, proj, and the last block's
@@ -122,12 +134,14 @@ def lm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(lm_dir):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(2)
-    model = ReferenceMacCap(tiny_openai_clip(), AutoModelForCausalLM.from_pretrained(lm_dir)).eval()
-    for p in model.parameters():  # a trained-looking projector: weights far from their init
-        p.data += 0.05 * torch.randn_like(p)
+    question_ids = torch.tensor(AutoTokenizer.from_pretrained(lm_dir)("")["input_ids"])  # eval_desc '': [BOS]
+    model = ReferenceMacCap(tiny_openai_clip(), AutoModelForCausalLM.from_pretrained(lm_dir), question_ids).eval()
+    for name, p in model.named_parameters():  # a trained-looking projector (and CLIP); the LM stays frozen
+        if not name.startswith(("model.", "llm_vocab.")):
+            p.data += 0.05 * torch.randn_like(p)
     return model
 
 
@@ -187,16 +201,86 @@ def test_captions_equal_the_reference_decoding(reference, converted, lm_dir):
     got = converted.processor.batch_decode(ids)
 
     tokenizer = converted.processor.tokenizer
-    start = torch.tensor(tokenizer("")["input_ids"])
     torch.manual_seed(11)
     with torch.no_grad():
         noise = torch.randn(len(images), K, 64) * math.sqrt(VARIANCE)
         prefix = reference.prefix(inputs["pixel_values"], noise)
-        embeds = torch.cat([prefix, reference.llm_vocab(start).expand(len(images), -1, -1)], dim=1)
+        embeds = torch.cat([prefix, reference.question_embed.expand(len(images), -1, -1)], dim=1)
         new = reference.model.generate(inputs_embeds=embeds, num_beams=4, max_new_tokens=16)
-    expected = [clean_caption(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    expected = [reference_clean(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     assert any(expected), "the tiny reference should say something"
     assert got == expected
+
+
+def test_candidates_are_scored_on_their_first_80_characters_as_the_reference_does(reference, converted):
+    """The reference reranks on clip.tokenize(t[:80]) with its own CLIP; the converted model scores alike."""
+    assert converted.config.rerank_max_characters == 80
+    captions = ["a small red and blue cat sitting on a wooden table next to a tall green plant in a bright room",
+                "a dog"]
+    image = converted.processor(images=[random_image(70)])["pixel_values"]
+    with torch.no_grad():
+        image_embeds = converted.get_subregion_features(image).image_embeds.expand(2, -1)
+        got = converted.score_captions(captions, image_embeds)
+        tokens = open_clip.tokenize([c[:80] for c in captions])
+        text = F.normalize(reference.clip_model.encode_text(tokens), dim=-1)
+    torch.testing.assert_close(got, (text * image_embeds).sum(-1), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the first caption is longer than 80 characters: cutting it changes its score
+        whole = F.normalize(reference.clip_model.encode_text(open_clip.tokenize(captions[:1])), dim=-1)
+    assert not torch.allclose(got[0], (whole * image_embeds[:1]).sum(-1), atol=1e-4)
+
+
+def test_the_saved_folder_reloads_the_exact_preprocessing(checkpoint, lm_dir, converted):
+    """The reference's preprocessing is PIL's (CLIPImageProcessorPil); the saved folder reloads it, not the
+    torchvision backend, so resized images give the same pixels."""
+    in_memory = convert(checkpoint, lm=str(lm_dir)).processor
+    images = [random_image(80, (97, 61)), random_image(81, (33, 120))]
+    assert type(converted.processor.image_processor).__name__ == "CLIPImageProcessorPil"
+    assert converted.processor.image_backend == "pil"
+    assert torch.equal(converted.processor(images=images)["pixel_values"], in_memory(images=images)["pixel_values"])
+
+
+def test_decoding_length_comes_from_the_checkpoint(reference, lm_dir, tmp_path):
+    args = argparse.Namespace(train_seq_length=K, noise_variance=0.01, noise_k=VARIANCE, infer_patch_weight=PATCH_WEIGHT,
+                              noise_type="gaussian", decoding_len=9)
+    out = tmp_path / "out"
+    convert(save_checkpoint(tmp_path / "c.pth", reference.state_dict(), args), lm=str(lm_dir), out=out)
+    from modeling_maccap import MacCapForConditionalGeneration
+
+    assert MacCapForConditionalGeneration.from_pretrained(out).generation_config.max_new_tokens == 9
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"eval_desc": "A picture of"}, "captions after the text prompt eval_desc='A picture of'"),
+    ({"ft_llm": True}, "fine-tuned its LM (ft_llm)"),
+    ({"question_embed": torch.ones(1, 32)}, "prompt embeddings (question_embed, (1, 32)) are not the LM's"),
+    ({"question_embed": torch.zeros(3, 32)}, "prompt embeddings (question_embed, (3, 32)) are not the LM's"),
+])
+def test_a_checkpoint_prompted_otherwise_is_refused(reference, lm_dir, tmp_path, capsys, change, message):
+    """The reference decodes after question_embed; MacCap after the LM's embedding of BOS. Any other prompt (a text
+    prompt, or BOS embedded by the LM before it was fine-tuned) would caption differently: refused, not converted."""
+    args = vars(argparse.Namespace(train_seq_length=K, noise_variance=0.01, noise_k=VARIANCE,
+                                   infer_patch_weight=PATCH_WEIGHT, noise_type="gaussian"))
+    state = dict(reference.state_dict())
+    for key, value in change.items():
+        (state if key == "question_embed" else args)[key] = value
+    path = save_checkpoint(tmp_path / "p.pth", state, argparse.Namespace(**args))
+    assert message in _converted_error(path, lm_dir, capsys)
+
+
+def test_an_fp16_lm_folder_converts_to_float32_as_the_saved_folder_reloads(reference, lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    half = tmp_path / "opt-fp16"
+    AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(lm_dir).save_pretrained(half)
+    path = save_checkpoint(tmp_path / "projector.pth", {k: v for k, v in reference.state_dict().items()
+                                                        if not k.startswith(("model.", "llm_vocab."))})
+    model = convert(path, lm=str(half), out=tmp_path / "out")
+    from modeling_maccap import MacCapForConditionalGeneration
+
+    reloaded = MacCapForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: p.dtype for n, p in reloaded.named_parameters()}
 
 
 def test_frozen_parts_may_be_absent(reference, lm_dir, tmp_path):

@@ -9,6 +9,7 @@ from transformers import CLIPModel, DynamicCache
 
 from modeling_maccap import MacCapForConditionalGeneration
 from modeling_maccap.modeling_maccap import image_seed, noise_injection, sample_noise
+from modeling_maccap.transformers_compat import CACHE_ARGUMENTS, cache_argument
 
 from .conftest import random_image
 
@@ -359,7 +360,7 @@ def spy_on_lm_calls(model, monkeypatch):
     real = model.language_model.generate
 
     def spy(**kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = next((kwargs[name] for name in CACHE_ARGUMENTS if name in kwargs), None)
         length = None if cache is None else cache.get_seq_length()
         call = {"rows": kwargs["inputs_embeds"].shape[0], "cache": cache,
                 "cache_shape": length and (cache.layers[0].keys.shape[0], length)}
@@ -471,7 +472,7 @@ def test_greedy_and_sampling_equal_one_plain_lm_call(model, processor, images, m
 
 
 def test_own_cache_or_no_cache_take_the_plain_path(model, processor, images, monkeypatch):
-    """With use_cache=False or the caller's past_key_values, the LM's generate gets exactly what it was given,
+    """With use_cache=False or the caller's own cache, the LM's generate gets exactly what it was given,
     in one call (the caller's cache serves one call), and decodes as before."""
     pixel_values = processor(images=images)["pixel_values"]
     expected = reference_new_tokens(model, pixel_values, 11)
@@ -479,7 +480,8 @@ def test_own_cache_or_no_cache_take_the_plain_path(model, processor, images, mon
     no_cache = model.generate(pixel_values=pixel_values, num_candidates=11, use_cache=False, max_decode_rows=64,
                               output_candidates=True)
     cache = DynamicCache(config=model.language_model.config)
-    own = model.generate(pixel_values=pixel_values, num_candidates=11, past_key_values=cache, output_candidates=True)
+    name = cache_argument(model.language_model)  # cache= since transformers 5.24, past_key_values= before
+    own = model.generate(pixel_values=pixel_values, num_candidates=11, output_candidates=True, **{name: cache})
     # use_cache=False: chunks of 16 rows (x 4 beams), no prefill; the caller's cache: as given, in one call.
     assert [c["rows"] for c in calls] == [16, 16, 1, 33]
     assert [c["cache"] is None for c in calls] == [True, True, True, False] and calls[3]["cache"] is cache

@@ -425,6 +425,13 @@ def test_non_string_caption_is_rejected(processor, thing):
     ("tab\there\nnewline", "tabherenewline"),
     ("#$%&*", ""),
     ("", ""),
+    # The reference's other steps (its clean_func): what follows the last "Answer:", no "<PAD>", no 4-digit runs.
+    ("Question: what is it? Answer: a cat", "a cat"),
+    ("Answer: one Answer:  two dogs", "two dogs"),
+    ("a <PAD><PAD>dog<PAD>", "a dog"),
+    ("a photo from 2012 of a dog", "a photo from  of a dog"),  # the double space stays, as the reference leaves it
+    ("12345 cats and 123 dogs", "5 cats and 123 dogs"),
+    ("19,99.. 1999", "19,99."),
 ])
 def test_clean_caption(raw, clean):
     assert clean_caption(raw) == clean

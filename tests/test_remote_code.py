@@ -14,7 +14,8 @@ import modeling_maccap
 
 from .conftest import random_image
 
-REMOTE_FILES = ["configuration_maccap.py", "modeling_maccap.py", "processing_maccap.py", "pipeline_maccap.py"]
+REMOTE_FILES = ["configuration_maccap.py", "modeling_maccap.py", "processing_maccap.py", "pipeline_maccap.py",
+                "transformers_compat.py"]
 
 FRESH_PROCESS = textwrap.dedent(
     """

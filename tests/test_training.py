@@ -20,6 +20,7 @@ from modeling_maccap.training import (FEATURE_COLUMN, CaptionCollator, CaptionDa
                                       load_captions, split_corpus, train)
 
 from .test_hub_config import HUB_CONFIGS, read
+from .test_remote_code import REMOTE_FILES
 
 CAPTIONS = ["a dog on the grass", "a red cat", "", "   ", "the man with a table", "a blue photo of a dog"]
 
@@ -87,8 +88,7 @@ def test_train_command_follows_the_hub_config(tiny_hub_config, components, tmp_p
     assert json.loads((out / "training_args.json").read_text())["seed"] == 7
     model = MacCapForConditionalGeneration.from_pretrained(out)
     assert model.processor.max_caption_length == 12
-    assert {"modeling_maccap.py", "configuration_maccap.py", "processing_maccap.py", "pipeline_maccap.py"} <= {
-        p.name for p in out.iterdir()}
+    assert set(REMOTE_FILES) <= {p.name for p in out.iterdir()}
 
 
 @pytest.mark.parametrize("path", HUB_CONFIGS, ids=lambda p: p.stem)
