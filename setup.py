@@ -29,17 +29,19 @@ setup(
     python_requires=">=3.10",
     packages=["modeling_maccap"],
     package_data={"modeling_maccap": ["hub_config.schema.json"]},
+    # Lower bounds are the versions of tests/constraints/lock.txt, which CI tests (the newest ones too): raise
+    # them together with the lock (see tests/run_matrix.sh).
     install_requires=[
-        "torch>=2.4",
-        "transformers>=5.23,<6",
-        "huggingface_hub>=1.0",
-        "safetensors>=0.4",
+        "torch>=2.14.1",
+        "transformers>=5.23,<6",  # also checked at import (transformers_compat.MIN_TRANSFORMERS), for remote code
+        "huggingface_hub>=2.0",
+        "safetensors>=0.8",
         "pillow>=10",
-        "numpy>=1.24",
+        "numpy>=2.0",
         # maccap train / upload: caption corpora, hub config validation.
-        "datasets>=3.0",
-        "jsonschema>=4.18",
-        "accelerate>=1.0",
+        "datasets>=5.2",
+        "jsonschema>=4.21",
+        "accelerate>=1.7",
     ],
     extras_require=extras,
     entry_points={"console_scripts": ["maccap=modeling_maccap.cli:main"]},
