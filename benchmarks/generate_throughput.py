@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from modeling_maccap.modeling_maccap import CPU_DECODE_ROWS, MacCapForConditionalGeneration  # noqa: E402
+from modeling_maccap.transformers_compat import CACHE_ARGUMENTS  # noqa: E402
 
 from components import LM_TOKENIZER_NOTE, build_components, publish, run_facts, synthetic_captions  # noqa: E402
 
@@ -162,7 +163,7 @@ class Split:
 
     def reset(self):
         self.seconds, self.flops = dict.fromkeys((*PARTS, "lm_forward"), 0.0), dict.fromkeys(PARTS, 0)
-        self.clip_tokens, self.lm_generate_rows = [], []
+        self.clip_tokens, self.lm_generate_rows, self.lm_generate_cached = [], [], []
 
     def wrap(self, owner, name, part):
         method = getattr(owner, name)
@@ -200,6 +201,8 @@ class Split:
 
         def counted(*args, **kwargs):
             self.lm_generate_rows.append(kwargs["inputs_embeds"].shape[0])
+            # generate() hands the LM the prefix cache it prefilled (the shared prefill) under the LM's cache name.
+            self.lm_generate_cached.append(any(name in kwargs for name in CACHE_ARGUMENTS))
             return lm_generate(*args, **kwargs)
 
         model.language_model.generate = counted
@@ -286,7 +289,8 @@ def child_run(spec):
             if i >= spec["warmup"]:
                 calls.append({"total_s": total, **{f"{k}_s": v for k, v in split.seconds.items()},
                               "word_mask_s": vocabulary.seconds, "clip_tokens": list(split.clip_tokens),
-                              "lm_generate_rows": list(split.lm_generate_rows)})
+                              "lm_generate_rows": list(split.lm_generate_rows),
+                              "lm_generate_cached": list(split.lm_generate_cached)})
     generation_peak = rss_kib("VmHWM")
     clip_tokens = [t for c in calls for t in c["clip_tokens"]]
     flops = analytic_flops(model, spec["candidates"], statistics.mean(clip_tokens) if clip_tokens else 0)
@@ -320,6 +324,15 @@ def child_count(spec):
                 "lm_ffn": lm.n_inner or 4 * lm.n_embd, "vocab_size": lm.vocab_size,
                 "max_decode_rows": default_decode_rows(spec["device"])}
     return {"counts": counts, "settings": settings}
+
+
+def shared_prefill_note(configs, settings):
+    """Whether generate() shared each candidate's [prefix | prompt] prefill with its beams in every LM call."""
+    cached = [flag for c in configs for call in c["calls"] for flag in call.get("lm_generate_cached", [])]
+    if settings["num_beams"] > 1 and cached and all(cached):
+        return "Shared prefill: on in every LM `generate` call (the prefix cache is handed to the beam search)."
+    return (f"Shared prefill: **off** in {cached.count(False)} of {len(cached)} LM `generate` calls (every beam runs "
+            "the whole [prefix | prompt]; the FLOP counts below assume it on).")
 
 
 def default_decode_rows(device):
@@ -374,7 +387,8 @@ def report(r):
         f"CLIP ViT-B/32 + GPT-2 124M (random weights, the paper's MacCap settings: {s['num_queries']} queries, "
         f"k = {s['num_subregions']}, beam search with {s['num_beams']} beams, {s['max_new_tokens']} new tokens, "
         f"BOS prompt), `model.generate` on {r['device']}, {r['dtype']}, {where}, {r['threads']} threads, "
-        f"1-min load average {r['load_average_1min'][0]:.1f} -> {r['load_average_1min'][1]:.1f}, {r['date'][:10]}. "
+        f"1-min load average {r['load_average_1min'][0]:.1f} -> {r['load_average_1min'][1]:.1f}, {r['date'][:10]}, "
+        f"torch {r['torch']}, transformers {r['transformers']}. {shared_prefill_note(f['configs'], s)} "
         f"1 candidate = `rerank=False` (plain beam search); N > 1 = N noisy candidates decoded together and "
         f"reranked by CLIP (the default path). {decode_calls(f['configs'], s)} {FORCED_NOTE}; {VOCAB_NOTE}. "
         f"LM tokenizer: {LM_TOKENIZER_NOTE}. "

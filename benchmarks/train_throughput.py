@@ -130,7 +130,8 @@ def report(r):
         "",
         f"CLIP ViT-B/32 + GPT-2 124M (random weights, the paper's MacCap settings), `training.train` on CPU, fp32, "
         f"batch {r['batch_size']}, {r['machine']}, {r['threads']} threads, 1-min load average "
-        f"{r['load_average_1min'][0]:.1f} -> {r['load_average_1min'][1]:.1f}, {r['date'][:10]}. "
+        f"{r['load_average_1min'][0]:.1f} -> {r['load_average_1min'][1]:.1f}, {r['date'][:10]}, "
+        f"torch {r['torch']}, transformers {r['transformers']}. "
         f"LM tokenizer: {LM_TOKENIZER_NOTE}. Medians over {every['steps_timed']} steps per mode "
         f"from {r['rounds']} rounds of one training run per mode (order alternating, warm-up steps not timed); "
         "step = forward + backward + optimizer, cycle = step + data loading; captions/s = batch / cycle.",

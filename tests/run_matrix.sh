@@ -11,17 +11,17 @@ OLD_TRANSFORMERS=5.22.2  # the newest release below transformers_compat.MIN_TRAN
 
 make_venv() {  # make_venv NAME: a new virtual environment .venv-NAME with maccap and its test requirements
   local venv=".venv-$1"
-  rm -rf "$venv" && "$PYTHON" -m venv "$venv" && "$venv/bin/pip" install --quiet --upgrade pip || return 1
+  rm -rf "$venv" && "$PYTHON" -m venv "$venv" && "$venv/bin/pip" install -qq --upgrade pip || return 1
   if [ "$1" = locked ]; then
-    "$venv/bin/pip" install --quiet -r tests/requirements-lock.txt && "$venv/bin/pip" install --quiet --no-deps -e .
+    "$venv/bin/pip" install -qq -r tests/requirements-lock.txt && "$venv/bin/pip" install -qq --no-deps -e .
   else
-    "$venv/bin/pip" install --quiet -e ".[tests]"
+    "$venv/bin/pip" install -qq -e ".[tests]"
   fi
 }
 
 old=.venv-old-transformers  # transformers alone, imported over the locked environment by one test
 rm -rf "$old"
-if "$PYTHON" -m pip install --quiet --no-deps --target "$old" "transformers==$OLD_TRANSFORMERS"; then
+if "$PYTHON" -m pip install -qq --no-deps --target "$old" "transformers==$OLD_TRANSFORMERS"; then
   export MACCAP_OLD_TRANSFORMERS="$PWD/$old"
 else
   echo "could not install transformers $OLD_TRANSFORMERS: the real-older-transformers test is skipped" >&2
