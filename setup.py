@@ -27,8 +27,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_maccap"],
-    package_data={"modeling_maccap": ["hub_config.schema.json"]},
+    packages=["modeling_maccap", "modeling_maccap.tools", "modeling_maccap.demo"],
+    package_data={"modeling_maccap.tools": ["hub_config.schema.json"]},
     # Lower bounds are the versions of tests/constraints/lock.txt, which CI tests (the newest ones too): raise
     # them together with the lock (see tests/run_matrix.sh).
     install_requires=[
@@ -44,5 +44,5 @@ setup(
         "accelerate>=1.7",
     ],
     extras_require=extras,
-    entry_points={"console_scripts": ["maccap=modeling_maccap.cli:main"]},
+    entry_points={"console_scripts": ["maccap=modeling_maccap.tools.cli:main"]},
 )

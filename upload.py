@@ -9,7 +9,7 @@ card), then creates the repo and uploads it. `python upload.py --help` lists the
 
 import sys
 
-from modeling_maccap.cli import main
+from modeling_maccap.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["upload", *sys.argv[1:]]))

@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-from modeling_maccap.open_clip_conversion import clip_tokenizer
+from modeling_maccap.tools.open_clip_conversion import clip_tokenizer
 
 EOT = "<|endoftext|>"
 LM_TOKENIZER_NOTE = "byte-level BPE trained on the synthetic captions (stand-in for GPT-2's; no hub access)"

@@ -1,6 +1,6 @@
 """Training throughput of MacCap at real sizes on CPU: cached CLIP text features vs encoding every step.
 
-CLIP ViT-B/32 + GPT-2 124M with random weights, built offline, trained through `modeling_maccap.training.train`
+CLIP ViT-B/32 + GPT-2 124M with random weights, built offline, trained through `modeling_maccap.tools.training.train`
 (the real path: hub config, corpus, Trainer) with the paper's MacCap settings, fp32, on the CPU. Reports training
 captions/s with the feature cache and with the CLIP text tower run at every step (target: cached >= 3x), what the
 one-off cache costs, and where a step's time goes (the ceiling on the speed-up). Not a timed test.
@@ -34,7 +34,7 @@ import transformers  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from modeling_maccap import training  # noqa: E402
-from modeling_maccap.hub_config import load_hub_config  # noqa: E402
+from modeling_maccap.tools.hub_config import load_hub_config  # noqa: E402
 from modeling_maccap.modeling_maccap import MacCapForConditionalGeneration  # noqa: E402
 
 from components import LM_TOKENIZER_NOTE, build_components, publish, run_facts, synthetic_captions  # noqa: E402

@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_maccap import MacCapConfig
 from .pipeline_maccap import MacCapImageToTextPipeline
-from .processing_maccap import MacCapProcessor, is_open_clip_spec, open_clip_conversion
+from .processing_maccap import MacCapProcessor, clip_source
 
 logger = logging.get_logger(__name__)
 
@@ -155,8 +155,9 @@ class MacCapProjector(nn.Module):
 
 def load_clip_model(clip, dtype=None):
     """A `CLIPModel` from a Hub id or folder, or from "open_clip:ARCH/TAG" (converted; needs maccap[open_clip])."""
-    if is_open_clip_spec(clip):
-        return open_clip_conversion().load_clip(clip, dtype=dtype)
+    source = clip_source(clip)
+    if source is not None:
+        return source[0](clip, dtype=dtype)
     return CLIPModel.from_pretrained(clip, dtype=dtype)
 
 
@@ -486,15 +487,18 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
             return None
         return name
 
+    def embed_texts(self, texts, processor=None):
+        """L2-normalised CLIP text embeddings of strings, in one CLIP text call (tokenised by the processor's CLIP
+        tokenizer, padded to the longest text): what training's feature cache, reranking and CLIPScore use."""
+        tokens = (processor or self.processor).clip_text_inputs(texts)
+        return self.get_text_embeds(tokens["input_ids"], tokens["attention_mask"])
+
     def score_captions(self, captions, image_embeds, processor=None):
-        """CLIP cosine between each caption and its image embedding, in one CLIP text call at the captions' real
-        length (padded to the longest, not to CLIP's context); on the first config.rerank_max_characters characters
-        when that is set."""
-        processor = processor or self.processor
+        """CLIP cosine between each caption and its image embedding, on the first config.rerank_max_characters
+        characters when that is set."""
         if self.config.rerank_max_characters is not None:
             captions = [caption[: self.config.rerank_max_characters] for caption in captions]
-        tokens = processor.clip_text_inputs(captions)
-        text = self.get_text_embeds(tokens["input_ids"], tokens["attention_mask"])
+        text = self.embed_texts(captions, processor)
         return (text * image_embeds.to(text.device)).sum(-1)
 
     def format_vqa_prompts(self, questions):

@@ -2,8 +2,7 @@
 
 from .transformers_compat import PIL, image_processor_with_backend  # first: checks the transformers version
 
-import importlib  # noqa: I001
-import os
+import os  # noqa: I001
 import re
 
 import torch
@@ -114,18 +113,29 @@ def _check_text(texts, what):
     return checked
 
 
-def is_open_clip_spec(clip):
-    return isinstance(clip, str) and clip.startswith("open_clip:")
+# CLIP checkpoints named by a spec string rather than a Hub id or folder, by prefix: prefix -> (load_model(spec,
+# dtype), load_processors(spec) -> (image processor, CLIP tokenizer)). The installed maccap package registers
+# "open_clip:" (modeling_maccap.tools.open_clip_conversion); remote code on its own knows none.
+CLIP_SOURCES = {}
+OPEN_CLIP_PREFIX = "open_clip:"
 
 
-def open_clip_conversion():
-    """The installed maccap package's open_clip converter, for "open_clip:ARCH/TAG" specs. It is not remote code
-    (it needs open_clip_torch), so it is looked up by name and only when such a spec is given."""
-    try:
-        return importlib.import_module("modeling_maccap.open_clip_conversion")
-    except ImportError as error:
-        raise ImportError(f"open_clip CLIP specs need the maccap package with open_clip: "
-                          f"pip install 'maccap[open_clip]' ({error})") from None
+def register_clip_source(prefix, load_model, load_processors):
+    CLIP_SOURCES[prefix] = (load_model, load_processors)
+
+
+def clip_source(clip):
+    """The registered (load_model, load_processors) of a CLIP spec such as "open_clip:ViT-B-32/openai"; None for a
+    Hub id or folder."""
+    if not isinstance(clip, str):
+        return None
+    for prefix, source in CLIP_SOURCES.items():
+        if clip.startswith(prefix):
+            return source
+    if clip.startswith(OPEN_CLIP_PREFIX):
+        raise ImportError(f"{clip}: open_clip CLIP specs need the maccap package with open_clip: "
+                          "pip install 'maccap[open_clip]'")
+    return None
 
 
 class MacCapProcessor(ProcessorMixin):
@@ -161,8 +171,9 @@ class MacCapProcessor(ProcessorMixin):
     def from_pretrained_components(cls, clip, lm, **kwargs):
         """Build from a CLIP checkpoint (image processor, tokenizer) and a causal-LM checkpoint (tokenizer).
         `clip` may also be an open_clip spec, "open_clip:ARCH/TAG": open_clip's preprocessing and tokenizer."""
-        if is_open_clip_spec(clip):
-            image_processor, clip_tokenizer = open_clip_conversion().load_processors(clip)
+        source = clip_source(clip)
+        if source is not None:
+            image_processor, clip_tokenizer = source[1](clip)
         else:
             image_processor, clip_tokenizer = AutoImageProcessor.from_pretrained(clip), AutoTokenizer.from_pretrained(clip)
         return cls(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(lm),
@@ -257,4 +268,4 @@ class MacCapProcessor(ProcessorMixin):
 
 MacCapProcessor.register_for_auto_class()
 
-__all__ = ["MacCapProcessor", "clean_caption", "load_image"]
+__all__ = ["MacCapProcessor", "clean_caption", "load_image", "register_clip_source"]

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from modeling_maccap import MacCapForConditionalGeneration, MacCapProcessor  # noqa: E402
-from modeling_maccap.tiny import TINY_MACCAP, build_tiny_components  # noqa: E402
+from modeling_maccap.tools.tiny import TINY_MACCAP, build_tiny_components  # noqa: E402
 
 from .hub_server import FakeHub  # noqa: E402
 

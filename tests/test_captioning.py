@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from modeling_maccap import MacCapForConditionalGeneration
-from modeling_maccap.captioning import shard
-from modeling_maccap.cli import main
+from modeling_maccap.tools.captioning import shard
+from modeling_maccap.tools.cli import main
 
 from .conftest import random_image
 
@@ -240,7 +240,7 @@ def test_existing_output_is_refused_without_resume_and_missing_inputs_fail_befor
 def test_a_run_killed_with_sigkill_resumes_without_losing_or_repeating_an_image(checkpoint, reference, tmp_path):
     paths = write_images(tmp_path / "in", [f"{i:02d}.png" for i in range(16)])
     out = tmp_path / "captions.jsonl"
-    command = [sys.executable, "-m", "modeling_maccap.cli", "caption", str(checkpoint), str(tmp_path / "in"),
+    command = [sys.executable, "-m", "modeling_maccap.tools.cli", "caption", str(checkpoint), str(tmp_path / "in"),
                "--out", str(out), "--batch-size", "2", "--num-workers", "0"]
     with open(tmp_path / "stderr.txt", "w") as stderr:
         process = subprocess.Popen(command, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -296,7 +296,7 @@ def test_two_processes_under_torchrun_caption_each_image_once(checkpoint, refere
     (tmp_path / "in" / "9.png").write_bytes(b"broken")
     out = tmp_path / "captions.jsonl"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "modeling_maccap.cli", "caption", str(checkpoint), str(tmp_path / "in"), "--out", str(out),
+               "-m", "modeling_maccap.tools.cli", "caption", str(checkpoint), str(tmp_path / "in"), "--out", str(out),
                "--batch-size", "2"]
     run = subprocess.run(command, cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                          timeout=300)

@@ -2,7 +2,7 @@
 
 import re
 
-from modeling_maccap.cli import main
+from modeling_maccap.tools.cli import main
 
 
 def test_selfcheck_reloads_the_saved_model_as_remote_code_with_equal_captions(tmp_path, capsys):

@@ -13,12 +13,12 @@ from torch import nn
 
 open_clip = pytest.importorskip("open_clip")
 
-from modeling_maccap.cli import main  # noqa: E402
-from modeling_maccap.convert_original import convert  # noqa: E402
+from modeling_maccap.tools.cli import main  # noqa: E402
+from modeling_maccap.tools.convert_original import convert  # noqa: E402
 from modeling_maccap.modeling_maccap import noise_injection  # noqa: E402
-from modeling_maccap.open_clip_conversion import (  # noqa: E402
+from modeling_maccap.tools.open_clip_conversion import (  # noqa: E402
     clip_model_from_open_clip, clip_tokenizer, image_processor_from_preprocess_cfg)
-from modeling_maccap.tiny import tiny_lm_tokenizer  # noqa: E402
+from modeling_maccap.tools.tiny import tiny_lm_tokenizer  # noqa: E402
 
 from .conftest import random_image  # noqa: E402
 

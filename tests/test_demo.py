@@ -14,11 +14,13 @@ import pytest
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
-from modeling_maccap import MacCapConfig, demo, evaluation
-from modeling_maccap.cli import main
-from modeling_maccap.demo import ROWS, DemoSettings, _findings, run_demo
-from modeling_maccap.evaluation import EvaluationError
-from modeling_maccap.hub_config import load_hub_config
+from modeling_maccap import MacCapConfig
+from modeling_maccap.demo import demo
+from modeling_maccap.tools import evaluation
+from modeling_maccap.tools.cli import main
+from modeling_maccap.demo.demo import ROWS, DemoSettings, _findings, run_demo
+from modeling_maccap.tools.evaluation import EvaluationError
+from modeling_maccap.tools.hub_config import load_hub_config
 
 pytest.importorskip("pycocoevalcap.bleu.bleu")
 from pycocoevalcap.bleu.bleu import Bleu  # noqa: E402

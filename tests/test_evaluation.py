@@ -17,10 +17,10 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from modeling_maccap import MacCapForConditionalGeneration
-from modeling_maccap.cli import main
-from modeling_maccap.evaluation import find_java, load_corpus
-from modeling_maccap.hub import read_eval_results
-from modeling_maccap.tiny import TINY_MACCAP, build_tiny_components
+from modeling_maccap.tools.cli import main
+from modeling_maccap.tools.evaluation import find_java, load_corpus
+from modeling_maccap.tools.hub import read_eval_results
+from modeling_maccap.tools.tiny import TINY_MACCAP, build_tiny_components
 
 from .conftest import random_image
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from modeling_maccap import MacCapConfig, MacCapForConditionalGeneration
-from modeling_maccap.hub_config import SCHEMA_PATH, HubConfigError, load_hub_config
+from modeling_maccap.tools.hub_config import SCHEMA_PATH, HubConfigError, load_hub_config
 
 HUB_CONFIGS = sorted((Path(__file__).parent.parent / "hub_configs").glob("*.json"))
 MACCAP_FIELDS = [f.name for f in dataclasses.fields(MacCapConfig)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 open_clip = pytest.importorskip("open_clip")
 
 from modeling_maccap import MacCapForConditionalGeneration, MacCapProcessor  # noqa: E402
-from modeling_maccap.open_clip_conversion import clip_model_from_open_clip, load_processors  # noqa: E402
-from modeling_maccap.tiny import TINY_MACCAP  # noqa: E402
+from modeling_maccap.tools.open_clip_conversion import clip_model_from_open_clip, load_processors  # noqa: E402
+from modeling_maccap.tools.tiny import TINY_MACCAP  # noqa: E402
 
 from .conftest import random_image  # noqa: E402
 
@@ -120,9 +120,11 @@ def test_a_vit_with_attentional_pooling_is_refused():
 
 
 def test_without_the_converter_an_open_clip_spec_says_what_to_install(components, monkeypatch):
-    """Remote code never imports open_clip: it asks the installed maccap package for the converter, by name."""
-    import sys
+    """Remote code never imports open_clip: the installed maccap package registers its converter as a CLIP source;
+    remote code on its own (no source registered) names what to install."""
+    from modeling_maccap import processing_maccap
 
-    monkeypatch.setitem(sys.modules, "modeling_maccap.open_clip_conversion", None)
-    with pytest.raises(ImportError, match=r"pip install 'maccap\[open_clip\]'"):
-        MacCapProcessor.from_pretrained_components(clip="open_clip:ViT-B-32", lm=components[1])
+    monkeypatch.setattr(processing_maccap, "CLIP_SOURCES", {})
+    for load in (MacCapProcessor.from_pretrained_components, MacCapForConditionalGeneration.from_pretrained_components):
+        with pytest.raises(ImportError, match=r"open_clip:ViT-B-32: .* pip install 'maccap\[open_clip\]'"):
+            load(clip="open_clip:ViT-B-32", lm=components[1])

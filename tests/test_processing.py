@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from modeling_maccap import MacCapProcessor, clean_caption
-from modeling_maccap.tiny import tiny_image_processor
+from modeling_maccap.tools.tiny import tiny_image_processor
 
 from .conftest import random_image
 

@@ -107,3 +107,14 @@ def test_remote_code_imports_only_torch_transformers_and_the_standard_library(na
             if node.level == 0:
                 roots.add(node.module.split(".")[0])
     assert roots - {"torch", "transformers"} <= set(sys.stdlib_module_names), roots
+    # Nor any import the loader cannot see: importlib, __import__, exec/eval of code.
+    loaders = {"importlib", "import_module", "__import__", "run_path", "run_module"}
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} & (loaders | {"exec", "eval", "compile"})
+    used |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)} & loaders
+    assert not used, f"{name} imports dynamically: {sorted(used)}"
+
+
+def test_the_remote_code_files_are_the_package_top_level_modules():
+    """Every module at the package's top is remote code (shipped with the weights); the rest lives in subpackages."""
+    top = Path(modeling_maccap.__file__).parent
+    assert sorted(p.name for p in top.glob("*.py") if p.name != "__init__.py") == sorted(REMOTE_FILES)

@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from modeling_maccap import synthetic_world as world
-from modeling_maccap.tiny import tiny_clip_tokenizer, tiny_lm_tokenizer
+from modeling_maccap.demo import world
+from modeling_maccap.tools.tiny import tiny_clip_tokenizer, tiny_lm_tokenizer
 
 # The caption grammar, written independently of the generator: "a [size] colour shape [in the position]".
 MENTION = re.compile(r"a (?:(small|large) )?(\w+) (circle|square|triangle)(?: in the (top left|top right|bottom left|"

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_maccap import MacCapForConditionalGeneration
-from modeling_maccap.cli import main
-from modeling_maccap.hub_config import load_hub_config
-from modeling_maccap.tiny import TINY_MACCAP, build_tiny_components
-from modeling_maccap import training
-from modeling_maccap.training import (FEATURE_COLUMN, CaptionCollator, CaptionDataError, cache_text_features,
+from modeling_maccap.tools.cli import main
+from modeling_maccap.tools.hub_config import load_hub_config
+from modeling_maccap.tools.tiny import TINY_MACCAP, build_tiny_components
+from modeling_maccap.tools import training
+from modeling_maccap.tools.training import (FEATURE_COLUMN, CaptionCollator, CaptionDataError, cache_text_features,
                                       load_captions, split_corpus, train)
 
 from .test_hub_config import HUB_CONFIGS, read

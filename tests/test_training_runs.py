@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_maccap import MacCapForConditionalGeneration
-from modeling_maccap.cli import main
-from modeling_maccap.tiny import TINY_MACCAP
+from modeling_maccap.tools.cli import main
+from modeling_maccap.tools.tiny import TINY_MACCAP
 
 from .test_training import write_hub_config
 from .test_upload import staged_files

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from huggingface_hub import HfApi
 
-from modeling_maccap.cli import main
-from modeling_maccap.hub import STAGING_MARKER, stage
-from modeling_maccap.hub_config import load_hub_config
-from modeling_maccap.tiny import TINY_MACCAP
+from modeling_maccap.tools.cli import main
+from modeling_maccap.tools.hub import STAGING_MARKER, stage
+from modeling_maccap.tools.hub_config import load_hub_config
+from modeling_maccap.tools.tiny import TINY_MACCAP
 
 from .conftest import TOKEN, random_image
 from .hub_server import FakeHub

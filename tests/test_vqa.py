@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from modeling_maccap.cli import main
-from modeling_maccap.hub import read_eval_results
-from modeling_maccap.vqa import VQAError, normalize_answer, score_answers, vqa_accuracy
+from modeling_maccap.tools.cli import main
+from modeling_maccap.tools.hub import read_eval_results
+from modeling_maccap.tools.vqa import VQAError, normalize_answer, score_answers, vqa_accuracy
 
 from .conftest import random_image
 

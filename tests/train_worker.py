@@ -20,8 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import TrainerCallback  # noqa: E402
 
 from modeling_maccap import MacCapForConditionalGeneration  # noqa: E402
-from modeling_maccap import training  # noqa: E402
-from modeling_maccap.cli import main  # noqa: E402
+from modeling_maccap.tools import training  # noqa: E402
+from modeling_maccap.tools.cli import main  # noqa: E402
 
 
 def log_batches(path):

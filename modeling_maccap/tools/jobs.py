@@ -22,7 +22,7 @@ def load_inference_model(name, device=None, dtype="float32", error=ValueError):
     `device` (default: cuda when there is one). What goes wrong is raised as `error` with the reason."""
     import torch
 
-    from .modeling_maccap import MacCapForConditionalGeneration
+    from ..modeling_maccap import MacCapForConditionalGeneration
 
     try:
         device = torch.device(device or default_device())

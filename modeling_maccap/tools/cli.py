@@ -9,7 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import captioning, demo, evaluation, vqa
+from ..demo import demo
+from . import captioning, evaluation, vqa
 
 # `maccap caption`, `maccap eval`, `maccap vqa`, `maccap demo`: each module adds its subcommand and errors.
 SUBCOMMAND_MODULES = (captioning, evaluation, vqa, demo)
@@ -33,7 +34,7 @@ def selfcheck(out_dir):
     import torch
     from PIL import Image
 
-    from . import MacCapForConditionalGeneration
+    from .. import MacCapForConditionalGeneration
     from .tiny import TINY_MACCAP, build_tiny_components
 
     out_dir = Path(out_dir).resolve()

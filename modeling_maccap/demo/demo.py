@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import synthetic_world as world
-from .evaluation import EvaluationError
+from . import world
+from ..tools.evaluation import EvaluationError
 
 MACCAP_FIELDS = ("num_queries", "aligner_layers", "aligner_heads", "aligner_ffn_dim", "aligner_dropout",
                  "num_subregions", "subregion_mode", "subregion_temperature", "patch_weight", "train_noise_variance",
@@ -89,7 +89,7 @@ def _clip_folder(settings, scenes, images, folder, log):
     import torch
     from transformers import CLIPConfig, CLIPModel, get_cosine_schedule_with_warmup
 
-    from .tiny import tiny_clip_tokenizer, tiny_image_processor
+    from ..tools.tiny import tiny_clip_tokenizer, tiny_image_processor
 
     tokenizer = tiny_clip_tokenizer(world.vocabulary(), context_length=32)
     image_processor = tiny_image_processor("pil", side=settings.image_size)
@@ -131,7 +131,7 @@ def _lm_folder(settings, scenes, folder, log):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, get_cosine_schedule_with_warmup
 
-    from .tiny import tiny_lm_tokenizer
+    from ..tools.tiny import tiny_lm_tokenizer
 
     tokenizer = tiny_lm_tokenizer(world.vocabulary())
     bos = eos = tokenizer.eos_token_id  # GPT-2's <|endoftext|> is both
@@ -165,7 +165,7 @@ def _lm_folder(settings, scenes, folder, log):
 # ---------------------------------------------------------------------------------------------- projectors
 def _hub_config(settings, folder, captions_file, clip_folder, lm_folder, train_noise_variance):
     """A hub config for `maccap train` on the demo's components: the paper's method at the demo's sizes."""
-    from .configuration_maccap import MacCapConfig
+    from ..configuration_maccap import MacCapConfig
 
     defaults = MacCapConfig()
     config = {
@@ -204,9 +204,9 @@ def _train_on_image_features(hub_config_path, images, captions, output_dir):
     import torch.nn.functional as F
     from transformers import TrainingArguments, set_seed
 
-    from .hub_config import load_hub_config
-    from .modeling_maccap import MacCapForConditionalGeneration
-    from .training import FEATURE_COLUMN, CaptionCollator, MacCapTrainer
+    from ..tools.hub_config import load_hub_config
+    from ..modeling_maccap import MacCapForConditionalGeneration
+    from ..tools.training import FEATURE_COLUMN, CaptionCollator, MacCapTrainer
 
     hub_config = load_hub_config(hub_config_path)
     args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, label_names=["labels"],
@@ -359,7 +359,7 @@ def run_demo(output_dir, settings=DemoSettings(), log=print):
     """Build the world, train CLIP, the LM and three projectors, caption the test part in the five settings of
     ROWS, score them, and write `results.json`, `results.md`, `predictions.json` and `contact_sheet.html` into
     `output_dir`. Returns the results dictionary."""
-    from .evaluation import find_java
+    from ..tools.evaluation import find_java
 
     java = find_java()  # before minutes of training, not after
     with _quiet():
@@ -391,10 +391,10 @@ def _run(output_dir, settings, log, java):
     import torch
     from transformers import set_seed
 
-    from .configuration_maccap import MacCapConfig
-    from .evaluation import caption_metrics
-    from .modeling_maccap import MacCapForConditionalGeneration
-    from .training import train
+    from ..configuration_maccap import MacCapConfig
+    from ..tools.evaluation import caption_metrics
+    from ..modeling_maccap import MacCapForConditionalGeneration
+    from ..tools.training import train
 
     started = time.perf_counter()
     work = output_dir / "work"

@@ -181,7 +181,7 @@ pycocoevalcap's 0-1 score x 100): {", ".join(
 def _load_checkpoint(checkpoint_dir):
     from safetensors import SafetensorError
 
-    from .modeling_maccap import MacCapForConditionalGeneration
+    from ..modeling_maccap import MacCapForConditionalGeneration
 
     checkpoint_dir = Path(checkpoint_dir)
     config_file = checkpoint_dir / "config.json"

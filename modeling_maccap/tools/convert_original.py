@@ -206,8 +206,8 @@ def convert(checkpoint, lm, out=None, clip=None):
     """Convert a reference checkpoint. `lm`: the LM it was trained with (Hub id or folder: architecture and
     tokenizer; its weights where the checkpoint has none); `clip`: only for checkpoints without CLIP weights.
     Saves to `out` when given. Returns the `MacCapForConditionalGeneration` (with `.processor`)."""
-    from .modeling_maccap import MacCapForConditionalGeneration, load_clip_model
-    from .processing_maccap import MacCapProcessor
+    from ..modeling_maccap import MacCapForConditionalGeneration, load_clip_model
+    from ..processing_maccap import MacCapProcessor
 
     state, args = load_reference_checkpoint(checkpoint)
     parts = split_state(state)

@@ -316,7 +316,7 @@ def clip_scores(model, image_paths, references, predictions, batch_size=64):
     import torch
     import torch.nn.functional as F
 
-    from .processing_maccap import load_image
+    from ..processing_maccap import load_image
 
     processor, names = model.processor, list(references)
     device, dtype = model.clip.visual_projection.weight.device, model.clip.visual_projection.weight.dtype

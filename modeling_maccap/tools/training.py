@@ -245,7 +245,7 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
     from transformers.trainer_utils import get_last_checkpoint
 
     from .hub_config import load_hub_config
-    from .modeling_maccap import MacCapForConditionalGeneration
+    from ..modeling_maccap import MacCapForConditionalGeneration
 
     if not hasattr(hub_config, "training_arguments"):
         hub_config = load_hub_config(hub_config)

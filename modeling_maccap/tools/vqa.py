@@ -214,7 +214,7 @@ def image_paths(questions, images_dir, pattern=DEFAULT_IMAGE_PATTERN):
 # --------------------------------------------------------------------------------------------- answering
 def _load_images(paths):
     """Each distinct path once: {path: PIL image, or the reason it could not be read}."""
-    from .processing_maccap import load_image
+    from ..processing_maccap import load_image
 
     loaded = {}
     for path in dict.fromkeys(paths):
@@ -322,7 +322,7 @@ def _start_answers(out, resume, overwrite):
 
 
 def _answer_one_image(args):
-    from .processing_maccap import load_image
+    from ..processing_maccap import load_image
 
     try:
         image = load_image(args.image)
