@@ -17,6 +17,7 @@ from .transformers_compat import (  # first: it checks the transformers version
 
 import copy  # noqa: I001
 import hashlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, CLIPModel, GenerationMixin, PreTrainedModel
 from transformers.generation import GenerationMode
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, has_file, logging
 
 from .configuration_maccap import MacCapConfig
 from .pipeline_maccap import MacCapImageToTextPipeline
@@ -36,6 +37,7 @@ logger = logging.get_logger(__name__)
 # penalty, which favours short answers.
 VQA_GENERATE_DEFAULTS = {"num_beams": 5, "min_new_tokens": 1, "max_new_tokens": 10, "length_penalty": -1.0}
 
+PROCESSOR_FILE = "processor_config.json"  # written by MacCapProcessor.save_pretrained
 # generate(max_decode_rows=None) on CPU: LM rows (x beams) per LM call; measured fastest with GPT-2 124M.
 CPU_DECODE_ROWS = 128
 # The decoding modes in which every input row is expanded (beams, returned sequences) before the first forward,
@@ -224,20 +226,20 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then attach the processor saved beside the weights, if any."""
+        """`PreTrainedModel.from_pretrained`, then attach the processor saved beside the weights, if there is one
+        (a broken one raises)."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
-                      if k in kwargs}
-        try:
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        subfolder = kwargs.get("subfolder") or ""
+        model.processor = None
+        if has_file(pretrained_model_name_or_path, os.path.join(subfolder, PROCESSOR_FILE), **hub_kwargs):
             # trust_remote_code=False: the processor itself is this class; its tokenizers and image processor must
             # be built-in classes, and no code from the folder runs without the user asking for it.
             model.processor = MacCapProcessor.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False,
-                                                              **hub_kwargs)
-        except (OSError, ValueError, TypeError):
-            model.processor = None
-            if model.config.rerank:
-                logger.warning(f"No MacCap processor files in {pretrained_model_name_or_path}: reranking needs "
-                               "generate(..., processor=MacCapProcessor...) or rerank=False")
+                                                              subfolder=subfolder, **hub_kwargs)
+        elif model.config.rerank:
+            logger.warning(f"No MacCap processor files in {pretrained_model_name_or_path}: reranking needs "
+                           "generate(..., processor=MacCapProcessor...) or rerank=False")
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -274,13 +276,13 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
 
         token_embeds = F.normalize(self.clip.visual_projection(vision.post_layernorm(hidden)).float(), dim=-1)
         image_embeds = token_embeds[:, 0]  # g: the projected CLS is token 0 of P
-        k_sub = config.num_subregions
+        num_subregions = config.num_subregions
         if config.subregion_mode == "cls":
-            features = image_embeds.unsqueeze(1).expand(-1, k_sub, -1)
+            features = image_embeds.unsqueeze(1).expand(-1, num_subregions, -1)
         else:
-            if k_sub > tokens:
-                raise ValueError(f"num_subregions={k_sub} exceeds the {tokens} vision tokens of this CLIP")
-            chosen = attentions[:, 0].topk(k_sub, dim=-1).indices  # may include the CLS itself
+            if num_subregions > tokens:
+                raise ValueError(f"num_subregions={num_subregions} exceeds the {tokens} vision tokens of this CLIP")
+            chosen = attentions[:, 0].topk(num_subregions, dim=-1).indices  # may include the CLS itself
             rows = attentions.gather(1, chosen.unsqueeze(-1).expand(-1, -1, tokens))
             # A softmax over probabilities (the reference's choice): each mix is close to a uniform average.
             weights = (rows / config.subregion_temperature).softmax(-1)
@@ -323,7 +325,6 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         `input_ids` are the LM tokens [BOS, caption, EOS]; `labels` mark with -100 what is not scored."""
         if input_ids is None:
             raise ValueError("forward needs input_ids: the LM tokens of the captions (BOS first)")
-        k = self.config.num_subregions
         if pixel_values is not None:
             features = self.get_subregion_features(pixel_values).subregion_features
             prefix = self._prefix_from_features(features, self.config.inference_noise_variance,
@@ -336,7 +337,8 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
                     clip_text_embeds = self.get_text_embeds(clip_input_ids, clip_attention_mask)
             text = F.normalize(clip_text_embeds.float(), dim=-1)
             # Noise is fresh at every step (global RNG): k independent noisy copies of each caption embedding.
-            prefix = self._prefix_from_features(text.unsqueeze(1).expand(-1, k, -1), self.config.train_noise_variance)
+            copies = text.unsqueeze(1).expand(-1, self.config.num_subregions, -1)
+            prefix = self._prefix_from_features(copies, self.config.train_noise_variance)
 
         embed = self.get_input_embeddings()
         input_ids = input_ids.to(embed.weight.device)
@@ -362,78 +364,84 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, *, rerank=None,
                  num_candidates=None, output_candidates=False, noise_seed=0, processor=None, max_decode_rows=None,
                  **generate_kwargs):
-        """Caption images. `input_ids` is an optional text prompt after the prefix (BOS first; left-padded with its
-        `attention_mask`); without it the prompt is BOS. With reranking (config.rerank), `num_candidates` noisy
-        draws per image are decoded in batched LM calls and scored in one CLIP text call; the best is kept.
-        Noise is drawn per image from a generator seeded by `noise_seed` and the image's pixels (None: the global
-        RNG). Returns the kept sequences `[prompt | new]`, or a `MacCapGenerateOutput` when `output_candidates`
-        or `return_dict_in_generate` is set. Other keyword arguments go to the LM's `generate`.
+        """Caption images as the paper does: subregion features of each image, `num_candidates` noisy prefixes per
+        image, every candidate decoded by the LM, and CLIP reranking keeps the one closest to the image
+        (config.rerank; with `rerank=False`, one draw and plain decoding).
 
-        The images x candidates LM rows are decoded in LM `generate` calls of at most `max_decode_rows` rows as
-        the LM runs them (rows x beams, or x num_return_sequences; at least one row per call). The result is that
-        of one call: shorter calls' new tokens are padded as generate pads. `max_decode_rows=None` (default): 128
-        on CPU (the fastest there for GPT-2), no limit on other devices or when sampling (the random draws would
-        follow the split); always one call with your own cache (`cache`, or `past_key_values` before transformers
-        5.24). With beam search or several returned sequences, each row's [prefix | prompt] is run once and its
-        cache shared by its beams (not with your own cache, `use_cache=False`, a `cache_implementation` or an
-        assistant model; where it is expected but this transformers or LM cannot do it, a one-time warning says
-        why)."""
-        if pixel_values is None:
-            raise ValueError("generate needs pixel_values (use the processor on your images)")
-        if max_decode_rows is not None and (type(max_decode_rows) is not int or max_decode_rows < 1):
-            raise ValueError(f"max_decode_rows must be a positive int or None, got {max_decode_rows!r}")
-        config = self.config
+        `input_ids` / `attention_mask`: an optional prompt after the prefix (BOS first, left-padded); default BOS.
+        `noise_seed`: each image's noise comes from a generator seeded by it and the image's pixels, so an image gets
+        the same caption in any batch (None: torch's global RNG). `processor`: the tokenizers reranking needs
+        (default: `model.processor`). `max_decode_rows`: LM rows per LM `generate` call (see `_decode`). Other
+        keyword arguments go to the LM's `generate` (num_beams, max_new_tokens, ...). Returns the kept sequences
+        `[prompt | new]`, or a `MacCapGenerateOutput` with every candidate and its CLIP score when
+        `output_candidates` or `return_dict_in_generate` is set."""
         return_dict = bool(generate_kwargs.pop("return_dict_in_generate", False)) or output_candidates
-        rerank = config.rerank if rerank is None else rerank
-        n = (num_candidates or config.num_candidates) if rerank else 1
-        if rerank and generate_kwargs.get("num_return_sequences", 1) != 1:
-            raise ValueError("num_return_sequences > 1 cannot be combined with reranking; pass rerank=False")
+        rerank = self.config.rerank if rerank is None else rerank
+        n = (num_candidates or self.config.num_candidates) if rerank else 1
         processor = processor or self.processor
-        if rerank and processor is None:
-            raise ValueError("reranking needs the tokenizers: pass processor=MacCapProcessor(...), attach one as "
-                             "model.processor, or pass rerank=False")
+        _check_generate_arguments(pixel_values, rerank, processor, max_decode_rows, generate_kwargs)
 
-        sub = self.get_subregion_features(pixel_values)
-        batch = pixel_values.shape[0]
-        embed = self.get_input_embeddings()
-        device = embed.weight.device
-        if input_ids is None:
-            input_ids = torch.full((batch, 1), self.generation_config.bos_token_id, dtype=torch.long)
-            attention_mask = None
-        input_ids = input_ids.to(device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        subregions = self.get_subregion_features(pixel_values)  # one vision pass per image
+        prefix = self.noisy_prefixes(subregions.subregion_features, n, self._image_generators(pixel_values, noise_seed))
+        prompt_ids, prompt_mask = self._prompts(input_ids, attention_mask, pixel_values.shape[0], n)
+        sequences = self.decode_prefixes(prefix, prompt_ids, prompt_mask, max_decode_rows, **generate_kwargs)
+        if not rerank:
+            return MacCapGenerateOutput(sequences=sequences) if return_dict else sequences
+        out = self.rerank(sequences, prompt_ids.shape[1], subregions.image_embeds, processor)
+        return out if return_dict else out.sequences
 
-        # One vision pass; every candidate of an image shares its subregion features but gets its own noise.
-        features = sub.subregion_features.repeat_interleave(n, dim=0)
-        generators = self._image_generators(pixel_values, noise_seed)
+    def noisy_prefixes(self, features, num_candidates, generators=None):
+        """Noise injection at inference: each image's k features repeated per candidate, every copy with noise of its
+        own (`config.inference_noise_variance`), through the projector -> (batch x candidates, queries, lm_hidden).
+        `generators`: one per image (its candidates draw from it in turn), or None for the global RNG."""
+        features = features.repeat_interleave(num_candidates, dim=0)
         if generators is not None:
-            generators = [g for g in generators for _ in range(n)]
-        prefix = self._prefix_from_features(features, config.inference_noise_variance, generators)
-        prefix = prefix.to(device, embed.weight.dtype)
-        prompt_ids = input_ids.repeat_interleave(n, dim=0)
-        prompt_mask = attention_mask.repeat_interleave(n, dim=0)
+            generators = [g for g in generators for _ in range(num_candidates)]
+        return self._prefix_from_features(features, self.config.inference_noise_variance, generators)
+
+    def decode_prefixes(self, prefix, prompt_ids, prompt_mask, max_decode_rows=None, **generate_kwargs):
+        """The LM's continuation of each [prefix | prompt] row -> `[prompt | new tokens]` (x num_return_sequences).
+        The call's options go into a copy of generation_config (passing both is deprecated in transformers 5)."""
+        embed = self.get_input_embeddings()
+        prefix = prefix.to(embed.weight.device, embed.weight.dtype)
         inputs_embeds = torch.cat([prefix, embed(prompt_ids)], dim=1)
         mask = torch.cat([prompt_mask.new_ones(prefix.shape[:2]), prompt_mask], dim=1)
-
-        # The call's options go into a copy of generation_config (passing both is deprecated in transformers 5).
         gen_config = copy.deepcopy(self.generation_config)
         model_kwargs = gen_config.update(**generate_kwargs)
         new_tokens = self._decode(inputs_embeds, mask, gen_config, model_kwargs, max_decode_rows)
-        repeats = new_tokens.shape[0] // prompt_ids.shape[0]  # num_return_sequences without reranking
-        sequences = torch.cat([prompt_ids.repeat_interleave(repeats, dim=0), new_tokens], dim=1)
-        if not rerank:
-            return MacCapGenerateOutput(sequences=sequences) if return_dict else sequences
+        repeats = new_tokens.shape[0] // prompt_ids.shape[0]  # num_return_sequences
+        return torch.cat([prompt_ids.repeat_interleave(repeats, dim=0), new_tokens], dim=1)
 
-        scores = self.score_captions(processor.batch_decode(new_tokens, skip_special_tokens=True),
-                                     sub.image_embeds.repeat_interleave(n, dim=0), processor).view(batch, n)
+    def rerank(self, sequences, prompt_length, image_embeds, processor=None):
+        """CLIP reranking: each image's candidates (consecutive rows of `sequences`) are scored by the CLIP cosine of
+        their text with the image embedding; the best is kept -> MacCapGenerateOutput."""
+        batch = image_embeds.shape[0]
+        n = sequences.shape[0] // batch
+        captions = (processor or self.processor).batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
+        scores = self.score_captions(captions, image_embeds.repeat_interleave(n, dim=0), processor).view(batch, n)
         candidates = sequences.view(batch, n, -1)
         best = candidates[torch.arange(batch, device=candidates.device), scores.argmax(-1).to(candidates.device)]
-        if return_dict:
-            return MacCapGenerateOutput(sequences=best, candidates=candidates, candidate_scores=scores)
-        return best
+        return MacCapGenerateOutput(sequences=best, candidates=candidates, candidate_scores=scores)
+
+    def _prompts(self, input_ids, attention_mask, batch, num_candidates):
+        """The prompt after each candidate's prefix (BOS when none is given), repeated per candidate."""
+        device = self.get_input_embeddings().weight.device
+        if input_ids is None:
+            input_ids, attention_mask = torch.full((batch, 1), self.generation_config.bos_token_id), None
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        return input_ids.repeat_interleave(num_candidates, dim=0), attention_mask.repeat_interleave(num_candidates, 0)
 
     def _decode(self, inputs_embeds, mask, gen_config, model_kwargs, max_rows):
-        """The new tokens of `language_model.generate` on these rows, in calls of at most `max_rows` LM rows."""
+        """The decoding engine: the new tokens of `language_model.generate` on these rows, as one call gives them.
+
+        The rows go to the LM in calls of at most `max_rows` LM rows as the LM runs them (rows x beams, or x
+        num_return_sequences; at least one row per call); shorter calls' new tokens are padded as generate pads.
+        `max_rows=None`: 128 on CPU (the fastest there for GPT-2), no limit on other devices or when sampling (the
+        random draws would follow the split); one call with the caller's own cache. With beam search or several
+        returned sequences, each row's [prefix | prompt] is run once and its cache shared by its beams (not with
+        the caller's cache, `use_cache=False`, a `cache_implementation` or an assistant model; where it is
+        expected but this transformers or LM cannot do it, a one-time warning says why)."""
         lm = self.language_model
         config = completed_generation_config(lm, gen_config) or gen_config  # with the LM's defaults, as generate has
         expand = max(config.num_beams or 1, config.num_return_sequences or 1)  # LM rows per input row
@@ -528,6 +536,18 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
                                   **{**VQA_GENERATE_DEFAULTS, **generate_kwargs})
         texts = processor.tokenizer.batch_decode(sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
         return [(text.strip().splitlines() or [""])[0].strip() for text in texts]
+
+
+def _check_generate_arguments(pixel_values, rerank, processor, max_decode_rows, generate_kwargs):
+    if pixel_values is None:
+        raise ValueError("generate needs pixel_values (use the processor on your images)")
+    if max_decode_rows is not None and (type(max_decode_rows) is not int or max_decode_rows < 1):
+        raise ValueError(f"max_decode_rows must be a positive int or None, got {max_decode_rows!r}")
+    if rerank and generate_kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError("num_return_sequences > 1 cannot be combined with reranking; pass rerank=False")
+    if rerank and processor is None:
+        raise ValueError("reranking needs the tokenizers: pass processor=MacCapProcessor(...), attach one as "
+                         "model.processor, or pass rerank=False")
 
 
 def _check_questions(questions, batch):

@@ -23,9 +23,6 @@ class MacCapImageToTextPipeline(Pipeline):
     _pipeline_calls_generate = True
     _default_generation_config = None  # the model's generation_config holds MacCap's decoding defaults
 
-    def __call__(self, images, **kwargs):
-        return super().__call__(images, **kwargs)
-
     def _sanitize_parameters(self, prompt=None, max_new_tokens=None, generate_kwargs=None, **kwargs):
         if kwargs:
             raise ValueError(f"unknown pipeline arguments {sorted(kwargs)}: pass generation options in generate_kwargs")

@@ -573,3 +573,9 @@ def test_weights_without_processor_warn_and_still_caption_with_one_passed(model,
     inputs = processor(images=[random_image(1)])
     torch.testing.assert_close(loaded.generate(**inputs, processor=processor, output_candidates=True).candidate_scores,
                                model.generate(**inputs, output_candidates=True).candidate_scores)
+
+
+def test_a_broken_processor_beside_the_weights_is_an_error_not_a_missing_processor(checkpoint):
+    (checkpoint / "processor_config.json").write_text('{"max_caption_length": ')  # cut short: not JSON
+    with pytest.raises((OSError, ValueError)):
+        MacCapForConditionalGeneration.from_pretrained(checkpoint)
