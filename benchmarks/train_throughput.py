@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from modeling_maccap import training  # noqa: E402
+from modeling_maccap.tools import training  # noqa: E402
 from modeling_maccap.tools.hub_config import load_hub_config  # noqa: E402
 from modeling_maccap.modeling_maccap import MacCapForConditionalGeneration  # noqa: E402
 
@@ -43,12 +43,12 @@ REFERENCE_CONFIG = ROOT / "hub_configs" / "maccap-clip-vit-b32-gpt2-coco.json"
 
 
 def write_hub_config(root, clip_dir, lm_dir, captions, batch_size):
-    """The reference COCO hub config (its "maccap" section: the paper's settings) on local components and corpus."""
+    """The reference COCO hub config (its architecture: the paper's settings) on local components and corpus."""
     (root / "captions.json").write_text(json.dumps(captions), encoding="utf-8")
     data = json.loads(REFERENCE_CONFIG.read_text(encoding="utf-8"))
     data.pop("$schema", None)
-    data["components"] = {"clip": clip_dir, "lm": lm_dir}
-    data["dataset"] = {"file": "captions.json"}
+    data["architecture"]["components"] = {"clip": clip_dir, "lm": lm_dir}
+    data["corpus"] = {"file": "captions.json"}
     arguments = {k: v for k, v in data["training"]["arguments"].items()
                  if not k.startswith(("eval_", "save_", "per_device_eval_"))}
     arguments.update(per_device_train_batch_size=batch_size, logging_steps=10**6, eval_strategy="no",

@@ -19,7 +19,7 @@ from modeling_maccap.demo import demo
 from modeling_maccap.tools import evaluation
 from modeling_maccap.tools.cli import main
 from modeling_maccap.demo.demo import ROWS, DemoSettings, _findings, run_demo
-from modeling_maccap.tools.evaluation import EvaluationError
+from modeling_maccap.tools.errors import MacCapError
 from modeling_maccap.tools.hub_config import load_hub_config
 
 pytest.importorskip("pycocoevalcap.bleu.bleu")
@@ -55,7 +55,7 @@ def demo_runs(tmp_path_factory):
 
 def test_without_java_the_demo_stops_before_training_with_one_clear_error(tmp_path, monkeypatch, capsys):
     def no_java():
-        raise EvaluationError("the PTB tokenizer and METEOR of pycocoevalcap need Java: no `java` on PATH")
+        raise MacCapError("the PTB tokenizer and METEOR of pycocoevalcap need Java: no `java` on PATH")
 
     monkeypatch.setattr(evaluation, "find_java", no_java)
     assert main(["demo", "--output-dir", str(tmp_path / "out")]) == 2
@@ -112,7 +112,7 @@ def test_the_text_only_runs_use_the_papers_method_through_maccap_train_hub_confi
         hub_config = load_hub_config(folder / "work" / f"hub_config_noise_{variance}.json")
         sized = {"num_queries": TINY.num_queries, "aligner_heads": 4, "aligner_ffn_dim": 4 * TINY.width,
                  "train_noise_variance": variance}
-        for name, value in hub_config.maccap.items():
+        for name, value in hub_config.maccap_settings.items():
             assert value == sized.get(name, getattr(defaults, name)), name
         assert hub_config.training_arguments["max_steps"] == TINY.projector_steps
         saved = json.loads((folder / "work" / f"maccap-{'noise' if variance else 'no_noise'}" / "config.json").read_text())

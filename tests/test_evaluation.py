@@ -232,7 +232,7 @@ def test_images_missing_on_either_side_are_one_error_listing_them(corpus, tmp_pa
     assert code == 2 and stdout == ""
     assert stderr.startswith("maccap eval: error: ") and str(predictions) in stderr and str(corpus.references) in stderr
     assert f"2 reference image(s) have no prediction: {NAMES[3]}, {NAMES[4]}" in stderr
-    assert "8 prediction(s) have no reference: " + ", ".join(extra[:5]) + " and 3 more" in stderr
+    assert "8 prediction(s) have no reference: " + ", ".join(extra[:5]) + " ... and 3 more" in stderr
 
 
 def test_duplicate_predictions_are_an_error(corpus, tmp_path):

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from modeling_maccap import MacCapConfig, MacCapForConditionalGeneration
-from modeling_maccap.tools.hub_config import SCHEMA_PATH, HubConfigError, load_hub_config
+from modeling_maccap.tools.errors import MacCapError
+from modeling_maccap.tools.hub_config import SCHEMA_PATH, load_hub_config
 
 HUB_CONFIGS = sorted((Path(__file__).parent.parent / "hub_configs").glob("*.json"))
 MACCAP_FIELDS = [f.name for f in dataclasses.fields(MacCapConfig)
                  if f.name in MacCapConfig.__annotations__ and f.name not in ("clip_config", "text_config")]
+DEFAULTS = MacCapConfig()
 
 
 def read(path):
@@ -21,7 +23,8 @@ def read(path):
 
 
 def test_the_four_published_variants_are_there():
-    variants = {(d["components"]["clip"], d["components"]["lm"], d["dataset"].get("hub_id")) for d in map(read, HUB_CONFIGS)}
+    variants = {(d["architecture"]["components"]["clip"], d["architecture"]["components"]["lm"],
+                 d["corpus"].get("hub_id")) for d in map(read, HUB_CONFIGS)}
     coco, cc3m = "yerevann/coco-karpathy", "google-research-datasets/conceptual_captions"
     assert variants >= {
         ("openai/clip-vit-base-patch32", "openai-community/gpt2", coco),
@@ -29,26 +32,38 @@ def test_the_four_published_variants_are_there():
         ("openai/clip-vit-large-patch14", "openai-community/gpt2-medium", cc3m),
         ("openai/clip-vit-base-patch32", "facebook/opt-1.3b", coco),  # the paper's own setting
     }
-    assert len({read(p)["repo_id"] for p in HUB_CONFIGS}) == len(HUB_CONFIGS)
+    assert len({read(p)["hub"]["repo_id"] for p in HUB_CONFIGS}) == len(HUB_CONFIGS)
 
 
-def test_schema_lists_every_maccap_config_field_and_requires_it():
-    maccap = read(SCHEMA_PATH)["properties"]["maccap"]
-    assert sorted(maccap["properties"]) == sorted(MACCAP_FIELDS)
-    assert sorted(maccap["required"]) == sorted(MACCAP_FIELDS)
+def test_maccap_config_alone_lists_the_method_fields(tmp_path):
+    """The schema names no MacCapConfig field: the loader takes every field MacCapConfig has, and only those."""
+    assert read(SCHEMA_PATH)["properties"]["architecture"]["properties"]["maccap"].keys() <= {"type", "description"}
+    every = {name: getattr(DEFAULTS, name) for name in MACCAP_FIELDS}
+    hub = load_hub_config(_broken(tmp_path, _set("architecture", "maccap", value=every)))
+    assert hub.maccap == every and hub.maccap_settings == every
+
+
+@pytest.mark.parametrize("path", HUB_CONFIGS, ids=lambda p: p.stem)
+def test_each_variant_sets_only_what_differs_from_maccap_config(path):
+    overrides = read(path)["architecture"].get("maccap", {})
+    assert {name: value for name, value in overrides.items() if value == getattr(DEFAULTS, name)} == {}
 
 
 @pytest.mark.parametrize("path", HUB_CONFIGS, ids=lambda p: p.stem)
 def test_each_variant_loads_and_builds_a_model_with_tiny_stand_ins(path, components):
     raw = read(path)
     hub = load_hub_config(path)
-    assert hub.repo_id == raw["repo_id"] and (hub.clip, hub.lm) == (raw["components"]["clip"], raw["components"]["lm"])
+    assert hub.repo_id == raw["hub"]["repo_id"]
+    assert (hub.clip, hub.lm) == (raw["architecture"]["components"]["clip"], raw["architecture"]["components"]["lm"])
     model = MacCapForConditionalGeneration.from_pretrained_components(clip=components[0], lm=components[1],
                                                                       **hub.maccap)
+    overrides = raw["architecture"].get("maccap", {})
+    settings = {name: overrides.get(name, getattr(DEFAULTS, name)) for name in MACCAP_FIELDS}
+    assert hub.maccap_settings == settings
     for name in MACCAP_FIELDS:
-        assert getattr(model.config, name) == raw["maccap"][name], name
-    assert model.projector.queries.weight.shape[0] == raw["maccap"]["num_queries"]
-    assert len(model.projector.layers) == raw["maccap"]["aligner_layers"]
+        assert getattr(model.config, name) == settings[name], name
+    assert model.projector.queries.weight.shape[0] == settings["num_queries"]
+    assert len(model.projector.layers) == settings["aligner_layers"]
 
 
 @pytest.mark.parametrize("path", HUB_CONFIGS, ids=lambda p: p.stem)
@@ -61,7 +76,7 @@ def test_each_variant_trains_with_the_papers_optimisation(path):
     assert args["lr_scheduler_type"] == "cosine_warmup_with_min_lr"
     assert args["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1, "warmup_lr_rate": 0.01}
     assert args["per_device_train_batch_size"] == 32
-    assert args["num_train_epochs"] == (8 if "coco" in hub.dataset["hub_id"] else 4)
+    assert args["num_train_epochs"] == (8 if "coco" in hub.corpus["hub_id"] else 4)
     assert hub.max_caption_length == 25 and hub.finetune_lm is False
 
 
@@ -90,17 +105,23 @@ def _delete(*keys):
 
 
 @pytest.mark.parametrize("edit, field, reason", [
-    (_delete("repo_id"), "(top level)", "'repo_id' is a required property"),
-    (_set("repo_id", value="no-organisation"), "repo_id", "does not match"),
-    (_set("maccap", "num_queries", value=0), "maccap.num_queries", "less than the minimum of 1"),
-    (_set("maccap", "num_queries", value="32"), "maccap.num_queries", "is not of type 'integer'"),
-    (_set("maccap", "subregion_mode", value="patches"), "maccap.subregion_mode", "'patches' is not one of"),
-    (_set("maccap", "noise", value=0.1), "maccap", "'noise' was unexpected"),
-    (_delete("maccap", "rerank"), "maccap", "'rerank' is a required property"),
-    (_set("maccap", "vqa_prompt", value="Q: A:"), "maccap.vqa_prompt", "does not match"),
-    (_set("dataset", "file", value="captions.json"), "dataset", "either hub_id + split + column"),
-    (_delete("dataset", "column"), "dataset", "either hub_id + split + column"),
-    (_set("components", "clip", value=""), "components.clip", "should be non-empty"),
+    (_delete("hub"), "(top level)", "'hub' is a required property"),
+    (_delete("hub", "repo_id"), "hub", "'repo_id' is a required property"),
+    (_set("hub", "repo_id", value="no-organisation"), "hub.repo_id", "does not match"),
+    (_set("repo_id", value="org/name"), "(top level)", "'repo_id' was unexpected"),
+    (_set("architecture", "maccap", "num_queries", value=0), "architecture.maccap", "num_queries must be >= 1, got 0"),
+    (_set("architecture", "maccap", "num_queries", value="32"), "architecture.maccap",
+     "Field 'num_queries' expected int, got str"),
+    (_set("architecture", "maccap", "subregion_mode", value="patches"), "architecture.maccap",
+     "subregion_mode must be one of ('attention', 'cls'), got 'patches'"),
+    (_set("architecture", "maccap", "noise", value=0.1), "architecture.maccap.noise",
+     "not a MacCapConfig setting; the settings are num_queries, aligner_layers"),
+    (_set("architecture", "maccap", value=[]), "architecture.maccap", "is not of type 'object'"),
+    (_set("architecture", "maccap", "vqa_prompt", value="Q: A:"), "architecture.maccap",
+     "vqa_prompt must contain '{question}'"),
+    (_set("corpus", "file", value="captions.json"), "corpus", "either hub_id + split + column"),
+    (_delete("corpus", "column"), "corpus", "either hub_id + split + column"),
+    (_set("architecture", "components", "clip", value=""), "architecture.components.clip", "should be non-empty"),
     (_set("training", "arguments", "learning_rate", value="fast"), "training.arguments.learning_rate",
      "'fast' is not of type <class 'float'>"),
     (_set("training", "arguments", "learning_rat", value=1e-4), "training.arguments.learning_rat",
@@ -112,7 +133,7 @@ def _delete(*keys):
 ])
 def test_an_invalid_file_names_the_file_and_the_field(tmp_path, edit, field, reason):
     path = _broken(tmp_path, edit)
-    with pytest.raises(HubConfigError) as error:
+    with pytest.raises(MacCapError) as error:
         load_hub_config(path)
     message = str(error.value)
     assert message.startswith(f"{path}: {field}: "), message
@@ -120,9 +141,9 @@ def test_an_invalid_file_names_the_file_and_the_field(tmp_path, edit, field, rea
 
 
 def test_unreadable_files_are_named(tmp_path):
-    with pytest.raises(HubConfigError, match="cannot read hub config .*missing.json"):
+    with pytest.raises(MacCapError, match="hub config .*missing.json: no such file"):
         load_hub_config(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
-    bad.write_text('{"repo_id": ')
-    with pytest.raises(HubConfigError, match="bad.json: not valid JSON"):
+    bad.write_text('{"hub": ')
+    with pytest.raises(MacCapError, match="bad.json: not JSON"):
         load_hub_config(bad)

@@ -16,10 +16,11 @@ from modeling_maccap.tools.cli import main
 from modeling_maccap.tools.hub_config import load_hub_config
 from modeling_maccap.tools.tiny import TINY_MACCAP, build_tiny_components
 from modeling_maccap.tools import training
-from modeling_maccap.tools.training import (FEATURE_COLUMN, CaptionCollator, CaptionDataError, cache_text_features,
-                                      load_captions, split_corpus, train)
+from modeling_maccap.tools.errors import MacCapError
+from modeling_maccap.tools.training import (FEATURE_COLUMN, CaptionCollator, cache_text_features, load_captions,
+                                            split_corpus, train)
 
-from .test_hub_config import HUB_CONFIGS, read
+from .test_hub_config import HUB_CONFIGS
 from .test_remote_code import REMOTE_FILES
 
 CAPTIONS = ["a dog on the grass", "a red cat", "", "   ", "the man with a table", "a blue photo of a dog"]
@@ -37,10 +38,10 @@ def write_hub_config(folder, captions=CAPTIONS * 4, maccap=None, **arguments):
     (folder / "captions.json").write_text(json.dumps(captions))
     path = folder / "tiny.json"
     path.write_text(json.dumps({
-        "repo_id": "me/maccap-tiny", "model_name": "tiny MacCap", "license": "mit",
-        "components": {"clip": "tiny-clip", "lm": "tiny-lm"},
-        "maccap": {**read(HUB_CONFIGS[0])["maccap"], **TINY_MACCAP, **(maccap or {})},
-        "dataset": {"file": "captions.json", "validation_fraction": 0.25},
+        "hub": {"repo_id": "me/maccap-tiny", "model_name": "tiny MacCap", "license": "mit"},
+        "architecture": {"components": {"clip": "tiny-clip", "lm": "tiny-lm"},
+                         "maccap": {**TINY_MACCAP, **(maccap or {})}},
+        "corpus": {"file": "captions.json", "validation_fraction": 0.25},
         "training": {"max_caption_length": 12, "arguments": {**TINY_ARGUMENTS, **arguments}},
     }))
     return path
@@ -96,7 +97,7 @@ def test_each_published_variant_trains_with_tiny_stand_ins(path, components, tmp
     (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS * 2))
     hub = load_hub_config(path)
     hub = dataclasses.replace(hub, maccap={**hub.maccap, **TINY_MACCAP},
-                              dataset={"file": str(tmp_path / "captions.txt"), "validation_fraction": 0.5},
+                              corpus={"file": str(tmp_path / "captions.txt"), "validation_fraction": 0.5},
                               training_arguments={**hub.training_arguments, "per_device_train_batch_size": 2,
                                                   "logging_steps": 1})
     out = train(hub, tmp_path / "out", clip=components[0], lm=components[1], max_steps=2)
@@ -126,15 +127,15 @@ def test_captions_are_read_from_every_format_and_cleaned(tmp_path, name, content
 
 def test_caption_errors_name_the_file_and_the_column(tmp_path):
     (tmp_path / "c.csv").write_text("id,text\n1,a cat\n")
-    with pytest.raises(CaptionDataError, match=r"c.csv has no column 'caption' \(columns: id, text\)"):
+    with pytest.raises(MacCapError, match=r"c.csv has no column 'caption' \(columns: id, text\)"):
         load_captions({"file": str(tmp_path / "c.csv")})
-    with pytest.raises(CaptionDataError, match="missing.json does not exist"):
+    with pytest.raises(MacCapError, match="missing.json does not exist"):
         load_captions({"file": str(tmp_path / "missing.json")})
     (tmp_path / "bad.json").write_bytes(b"\xff\xfe not json")
-    with pytest.raises(CaptionDataError, match="cannot read caption file .*bad.json"):
+    with pytest.raises(MacCapError, match="cannot read caption file .*bad.json"):
         load_captions({"file": str(tmp_path / "bad.json")})
     (tmp_path / "empty.txt").write_text("\n  \n")
-    with pytest.raises(CaptionDataError, match="no usable caption"):
+    with pytest.raises(MacCapError, match="no usable caption"):
         load_captions({"file": str(tmp_path / "empty.txt")})
 
 
@@ -142,7 +143,7 @@ def test_components_that_cannot_be_loaded_are_named(tiny_hub_config, components,
     assert main(["train", "--hub-config", str(tiny_hub_config), "--clip", str(tmp_path / "no-clip"), "--lm",
                  components[1], "--output-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert f"{tiny_hub_config}: components: cannot load CLIP '{tmp_path / 'no-clip'}'" in err
+    assert f"{tiny_hub_config}: architecture.components: cannot load CLIP '{tmp_path / 'no-clip'}'" in err
 
 
 # ------------------------------------------------------------------------------------------ CLIP feature cache
@@ -292,7 +293,7 @@ def test_a_hub_dataset_corpus_with_a_validation_split(tmp_path, components):
         str(repo / "data" / "train-00000-of-00001.parquet"))
     datasets.Dataset.from_dict({"text": ["a green cat", "a dog"]}).to_parquet(
         str(repo / "data" / "validation-00000-of-00001.parquet"))
-    hub_config = dataclasses.replace(load_hub_config(write_hub_config(tmp_path)), dataset={
+    hub_config = dataclasses.replace(load_hub_config(write_hub_config(tmp_path)), corpus={
         "hub_id": str(repo), "split": "train", "column": "text", "validation_split": "validation"})
     train_set, eval_set = split_corpus(hub_config)
     assert train_set["caption"] == ["a red cat", "a blue dog", "a car"] * 2

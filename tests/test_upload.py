@@ -14,6 +14,7 @@ import yaml
 from huggingface_hub import HfApi
 
 from modeling_maccap.tools.cli import main
+from modeling_maccap.tools.errors import MacCapError
 from modeling_maccap.tools.hub import STAGING_MARKER, stage
 from modeling_maccap.tools.hub_config import load_hub_config
 from modeling_maccap.tools.tiny import TINY_MACCAP
@@ -34,7 +35,7 @@ RESULTS = {"dataset": {"id": "yerevann/coco-karpathy", "name": "COCO Karpathy te
 def hub_config_file(tmp_path):
     """The COCO variant with the tiny model's method settings (the ones `checkpoint` was built with)."""
     data = read(COCO_GPT2)
-    data["maccap"].update(TINY_MACCAP)
+    data["architecture"]["maccap"].update(TINY_MACCAP)
     path = tmp_path / "variant.json"
     path.write_text(json.dumps(data))
     return path
@@ -122,18 +123,18 @@ def test_vqa_results_are_filed_under_visual_question_answering(checkpoint, hub_c
 
 def test_card_without_results_claims_no_scores(checkpoint, tmp_path):
     data = read(COCO_OPT)  # a license of its own ("other", with name and link), other base models
-    data["maccap"].update(TINY_MACCAP)
+    data["architecture"]["maccap"].update(TINY_MACCAP)
     (tmp_path / "other.json").write_text(json.dumps(data))
     staging = stage(checkpoint, load_hub_config(tmp_path / "other.json"), tmp_path / "staging")
     card = (staging / "README.md").read_text()
     meta = front_matter(card)
     assert "model-index" not in meta
     assert (meta["license"], meta["license_name"], meta["license_link"]) == (
-        "other", data["license_name"], data["license_link"])
-    assert meta["base_model"] == [data["components"]["clip"], data["components"]["lm"]]
-    assert meta["datasets"] == [data["dataset"]["hub_id"]]
+        "other", data["hub"]["license_name"], data["hub"]["license_link"])
+    assert meta["base_model"] == [data["architecture"]["components"]["clip"], data["architecture"]["components"]["lm"]]
+    assert meta["datasets"] == [data["corpus"]["hub_id"]]
     assert "no scores are claimed" in card
-    assert f'model="{data["repo_id"]}"' in card  # the hub config's repo id when none is given
+    assert f'model="{data["hub"]["repo_id"]}"' in card  # the hub config's repo id when none is given
 
 
 def test_sharded_staging_loads_in_a_fresh_process_with_the_source_outputs(model, processor, checkpoint,
@@ -172,11 +173,13 @@ def test_a_wrong_checkpoint_is_named(checkpoint, hub_config_file, tmp_path, caps
 
 def test_a_checkpoint_trained_with_other_settings_is_refused(checkpoint, tmp_path, capsys):
     data = read(COCO_GPT2)
-    data["maccap"].update(TINY_MACCAP, num_subregions=5)
+    data["architecture"]["maccap"].update(TINY_MACCAP, num_subregions=5)
     (tmp_path / "other.json").write_text(json.dumps(data))
     assert main(["upload", str(checkpoint), "--hub-config", str(tmp_path / "other.json"), "--dry-run",
                  "--staging-dir", str(tmp_path / "staging")]) == 2
     assert "num_subregions: checkpoint 10, hub config 5" in capsys.readouterr().err
+    with pytest.raises(MacCapError, match="num_queries: checkpoint 4, hub config 32"):  # a default it leaves unset
+        stage(checkpoint, load_hub_config(COCO_GPT2), tmp_path / "staging")
 
 
 def test_staging_never_overwrites_a_folder_it_did_not_make(checkpoint, hub_config_file, tmp_path):

@@ -12,7 +12,8 @@ import torch
 
 from modeling_maccap.tools.cli import main
 from modeling_maccap.tools.hub import read_eval_results
-from modeling_maccap.tools.vqa import VQAError, normalize_answer, score_answers, vqa_accuracy
+from modeling_maccap.tools.errors import MacCapError
+from modeling_maccap.tools.vqa import normalize_answer, score_answers, vqa_accuracy
 
 from .conftest import random_image
 
@@ -112,7 +113,7 @@ def test_fewer_than_ten_answers(answers, expected):
 
 
 def test_no_answers_is_an_error():
-    with pytest.raises(VQAError, match="no annotator answers"):
+    with pytest.raises(MacCapError, match="no annotator answers"):
         vqa_accuracy("2", [])
 
 

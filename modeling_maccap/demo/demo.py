@@ -25,11 +25,6 @@ import numpy as np
 from PIL import Image
 
 from . import world
-from ..tools.evaluation import EvaluationError
-
-MACCAP_FIELDS = ("num_queries", "aligner_layers", "aligner_heads", "aligner_ffn_dim", "aligner_dropout",
-                 "num_subregions", "subregion_mode", "subregion_temperature", "patch_weight", "train_noise_variance",
-                 "inference_noise_variance", "num_candidates", "rerank", "rerank_max_characters", "vqa_prompt")
 
 # The rows of the table: (name, which trained projector, config fields set for generate(), what changes).
 ROWS = (
@@ -165,19 +160,16 @@ def _lm_folder(settings, scenes, folder, log):
 # ---------------------------------------------------------------------------------------------- projectors
 def _hub_config(settings, folder, captions_file, clip_folder, lm_folder, train_noise_variance):
     """A hub config for `maccap train` on the demo's components: the paper's method at the demo's sizes."""
-    from ..configuration_maccap import MacCapConfig
-
-    defaults = MacCapConfig()
     config = {
-        "repo_id": "maccap/maccap-demo-synthetic-world",
-        "model_name": "MacCap on the demo's synthetic world",
-        "license": "apache-2.0",
-        "components": {"clip": clip_folder, "lm": lm_folder},
-        # The paper's method (MacCapConfig's defaults) with a projector sized for the tiny CLIP and LM.
-        "maccap": {**{name: getattr(defaults, name) for name in MACCAP_FIELDS},
-                   "num_queries": settings.num_queries, "aligner_heads": 4, "aligner_ffn_dim": 4 * settings.width,
-                   "train_noise_variance": train_noise_variance},
-        "dataset": {"file": captions_file.name, "column": "caption"},
+        "hub": {"repo_id": "maccap/maccap-demo-synthetic-world", "model_name": "MacCap on the demo's synthetic world",
+                "license": "apache-2.0"},
+        "architecture": {
+            "components": {"clip": clip_folder, "lm": lm_folder},
+            # The paper's method (MacCapConfig's defaults) with a projector sized for the tiny CLIP and LM.
+            "maccap": {"num_queries": settings.num_queries, "aligner_heads": 4, "aligner_ffn_dim": 4 * settings.width,
+                       "train_noise_variance": train_noise_variance},
+        },
+        "corpus": {"file": captions_file.name, "column": "caption"},
         "training": {
             "max_caption_length": 25,
             "finetune_lm": False,
@@ -532,5 +524,3 @@ def run(args):
     print(f"written: {Path(args.output_dir) / 'results.md'}, results.json, predictions.json, contact_sheet.html")
     return 0
 
-
-ERRORS = (EvaluationError,)

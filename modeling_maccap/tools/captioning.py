@@ -1,35 +1,29 @@
 """`maccap caption`: caption image files, folders, globs or a `datasets` image dataset into a JSONL file.
 
-Each batch's lines are appended, flushed and synced as soon as it is captioned, so a killed run keeps every line
-it wrote (at most a torn last line, which `--resume` drops). An image that cannot be read goes to the errors
-file with the reason and the run goes on. Under `torchrun` / `accelerate launch` every process captions its own
-share of the inputs into `<out>.rank<R>`; when all are done, the first process merges the shards into `<out>`.
+The outputs are a `jobs.JsonlJob`: each batch's lines are appended, flushed and synced as soon as it is
+captioned, so a killed run keeps every line it wrote (at most a torn last line, which `--resume` drops). An image
+that cannot be read goes to the errors file with the reason and the run goes on. Under `torchrun` / `accelerate
+launch` every process captions its own share of the inputs into `<out>.rank<R>`; when all are done, the first
+process merges the shards into `<out>`.
 """
 
 import glob
 import io
-import json
 import os
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from .jobs import DTYPES, JsonlAppender, complete_lines, count, default_device, load_inference_model
-from .jobs import drop_torn_line as jobs_drop_torn_line
+from .errors import MacCapError
+from .jobs import DTYPES, JsonlJob, count, default_device, load_inference_model
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 # Dataset columns that name an image, tried in this order when --name-column is not given.
 NAME_COLUMNS = ("file_name", "filename", "image_name", "image_id", "id")
-
-
-class CaptioningError(ValueError):
-    """A `maccap caption` run that cannot start (bad inputs, output in the way, unloadable model)."""
-
-
-ERRORS = (CaptioningError,)
+# What a line of the captions file holds, its key first.
+CAPTION_FIELDS = {"image": str, "caption": str}
 
 
 @dataclass(frozen=True)
@@ -58,7 +52,7 @@ def folder_images(folder):
 
 def expand_inputs(inputs):
     """Files (taken as given, whatever their extension), folders and globs -> image paths in order, each once.
-    Every input that names nothing is reported in one CaptioningError."""
+    Every input that names nothing is reported in one MacCapError."""
     paths, problems = [], []
     for given in inputs:
         if os.path.exists(given):
@@ -80,7 +74,7 @@ def expand_inputs(inputs):
             else:
                 paths.append(Path(match))
     if problems:
-        raise CaptioningError("; ".join(problems))
+        raise MacCapError("; ".join(problems))
     seen, unique = set(), []
     for path in paths:
         key = os.path.abspath(path)  # not resolve(): a symlink keeps its own file name (HF cache snapshots)
@@ -99,19 +93,19 @@ class DatasetRows:
 
         feature = data.features.get(image_column)
         if feature is None:
-            raise CaptioningError(f"--dataset {label}: no column {image_column!r} (columns: "
-                                  f"{', '.join(data.column_names)}); name the image column with --image-column")
+            raise MacCapError(f"--dataset {label}: no column {image_column!r} (columns: "
+                              f"{', '.join(data.column_names)}); name the image column with --image-column")
         if isinstance(feature, datasets.Image):
             data = data.cast_column(image_column, datasets.Image(decode=False))
         elif not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-            raise CaptioningError(f"--dataset {label}: column {image_column!r} holds {feature}, not images or paths")
+            raise MacCapError(f"--dataset {label}: column {image_column!r} holds {feature}, not images or paths")
         if name_column is None:
             name_column = next((column for column in NAME_COLUMNS if column in data.column_names), None)
         elif name_column not in data.column_names:
-            raise CaptioningError(f"--dataset {label}: no column {name_column!r} for --name-column (columns: "
-                                  f"{', '.join(data.column_names)})")
+            raise MacCapError(f"--dataset {label}: no column {name_column!r} for --name-column (columns: "
+                              f"{', '.join(data.column_names)})")
         if len(data) == 0:
-            raise CaptioningError(f"--dataset {label}: no rows")
+            raise MacCapError(f"--dataset {label}: no rows")
         self.label, self.image_column, self.name_column = label, image_column, name_column
         self.view = data.select_columns([image_column] + ([name_column] if name_column else []))
 
@@ -145,24 +139,24 @@ def load_image_dataset(name, config=None, split=None):
             if split is None:
                 splits = datasets.get_dataset_split_names(name, config)
                 if len(splits) != 1:
-                    raise CaptioningError(f"--dataset {name}: choose a split with --split (splits: "
-                                          f"{', '.join(splits)})")
+                    raise MacCapError(f"--dataset {name}: choose a split with --split (splits: "
+                                      f"{', '.join(splits)})")
                 split = splits[0]
             data = datasets.load_dataset(name, config, split=split)
-    except CaptioningError:
+    except MacCapError:
         raise
     except Exception as error:  # datasets raises many kinds: missing files, unknown ids, no network, bad configs
-        raise CaptioningError(f"--dataset {name}: cannot load it ({type(error).__name__}: {error})") from None
+        raise MacCapError(f"--dataset {name}: cannot load it ({type(error).__name__}: {error})") from None
     if isinstance(data, (datasets.DatasetDict, dict)):
         if split is None and len(data) == 1:
             split = next(iter(data))
         if split not in data:
             what = "choose a split with --split" if split is None else f"no split {split!r}"
-            raise CaptioningError(f"--dataset {name}: {what} (splits: {', '.join(data)})")
+            raise MacCapError(f"--dataset {name}: {what} (splits: {', '.join(data)})")
         data = data[split]
     own = str(data.split) if data.split is not None else None
     if split is not None and own is not None and split != own:
-        raise CaptioningError(f"--dataset {name} holds the split {own!r} only, not {split!r}")
+        raise MacCapError(f"--dataset {name} holds the split {own!r} only, not {split!r}")
     return data, f"{label}/{split or own or 'train'}"
 
 
@@ -226,100 +220,6 @@ def prepared_batches(batches, work, workers):
             yield [future.result() for future in ahead]
 
 
-# ------------------------------------------------------------------------------------------------ output
-def read_records(path):
-    """The records of a JSONL output file and the byte length of its complete lines (a torn last line is left
-    out)."""
-    lines, end = complete_lines(path)
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record.get("image"), str):
-                raise ValueError
-        except (ValueError, AttributeError):
-            raise CaptioningError(f"{path}, line {number}: not a record of maccap caption (a JSON object with "
-                                  "an \"image\"); choose another --out") from None
-        records.append(record)
-    return records, end
-
-
-def drop_torn_line(path):
-    if jobs_drop_torn_line(path):
-        print(f"maccap caption: dropped the torn last line of {path} (that image is captioned again)", file=sys.stderr)
-
-
-def shard_path(path, rank):
-    return Path(path).with_name(f"{Path(path).name}.rank{rank}")
-
-
-def shard_files(path):
-    """Every process shard of `path` on disk (this run's and an interrupted run's, whatever its world size)."""
-    path = Path(path)
-    pattern = re.compile(re.escape(path.name) + r"\.rank\d+")
-    return sorted(p for p in path.parent.glob(glob.escape(path.name) + ".rank*") if pattern.fullmatch(p.name))
-
-
-def done_keys(out):
-    """Images already captioned: in `out` or in a process shard of it."""
-    return {record["image"] for path in [Path(out), *shard_files(out)] for record in read_records(path)[0]}
-
-
-def check_outputs(out, resume):
-    """Without --resume, refuse an output that already holds captions; with it, return the images done."""
-    if resume:
-        return done_keys(out)
-    for path in [Path(out), *shard_files(out)]:
-        if path.exists() and path.stat().st_size > 0:
-            raise CaptioningError(f"{path} already holds captions: pass --resume to continue that run, or choose "
-                                  "another --out")
-    return set()
-
-
-def _rewrite(path, records):
-    """Replace a file's records atomically (write aside, sync, rename); no records: no file."""
-    if not records:
-        Path(path).unlink(missing_ok=True)
-        return
-    temporary = Path(path).with_name(Path(path).name + ".tmp")
-    temporary.unlink(missing_ok=True)
-    with JsonlAppender(temporary) as writer:
-        writer.write(records)
-    os.replace(temporary, path)
-
-
-def finalize(out, errors, items):
-    """Merge the process shards into `out` (in input order, each image once) and the error shards into `errors`,
-    which keeps the latest reason of each image still not captioned. Shards are deleted only once merged, so a
-    run killed here loses nothing and a --resume merges again."""
-    order = {item.key: index for index, item in enumerate(items)}
-    drop_torn_line(out)  # left by a run killed while merging; this process appends to `out` next
-    done = {record["image"] for record in read_records(out)[0]}
-    new = []
-    for path in shard_files(out):
-        for record in read_records(path)[0]:
-            if record["image"] not in done:
-                done.add(record["image"])
-                new.append(record)
-    new.sort(key=lambda record: order.get(record["image"], len(order)))
-    with JsonlAppender(out) as writer:
-        writer.write(new)
-    Path(out).touch()
-    for path in shard_files(out):
-        path.unlink()
-
-    failed = {}
-    for path in [Path(errors), *shard_files(errors)]:
-        for record in read_records(path)[0]:
-            failed[record["image"]] = record
-    failed = [record for key, record in failed.items() if key not in done]
-    _rewrite(errors, sorted(failed, key=lambda record: order.get(record["image"], len(order))))
-    for path in shard_files(errors):
-        path.unlink()
-
-
 # ------------------------------------------------------------------------------------------------- model
 def caption_batch(model, inputs, generate_kwargs):
     """Captions of preprocessed images (one processor output each), in one `generate` call."""
@@ -332,7 +232,7 @@ def caption_batch(model, inputs, generate_kwargs):
 def generate_options(args):
     """The `generate` keyword arguments set on the command line (the model's defaults for the rest)."""
     if args.no_rerank and args.num_candidates is not None:
-        raise CaptioningError("--num-candidates has no effect with --no-rerank (one draw per image)")
+        raise MacCapError("--num-candidates has no effect with --no-rerank (one draw per image)")
     options = {"noise_seed": args.noise_seed}
     if args.no_rerank:
         options["rerank"] = False
@@ -384,7 +284,7 @@ class Processes:
 def resolve_items(args):
     """Every image of the run, in order: the INPUTS first, then the --dataset rows; (items, DatasetRows or None)."""
     if not args.inputs and not args.dataset:
-        raise CaptioningError("nothing to caption: give image files, folders or globs, or --dataset")
+        raise MacCapError("nothing to caption: give image files, folders or globs, or --dataset")
     items = expand_inputs(args.inputs) if args.inputs else []
     rows = None
     if args.dataset:
@@ -411,34 +311,27 @@ def failure_record(item, name, reason):
     return {"image": item.key, **({"image_name": name} if name is not None else {}), "error": reason}
 
 
-def caption_items(todo, model, rows, generate_kwargs, captions, failures, batch_size, workers, show_progress):
-    """Caption `todo` batch by batch, appending each batch's captions and failures; returns (captioned, failed)."""
-    from tqdm.auto import tqdm
-
+def caption_items(todo, model, rows, generate_kwargs, job, batch_size, workers, show_progress):
+    """Caption `todo` batch by batch into `job` (a JsonlJob); returns [captioned, failed]."""
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     ready = prepared_batches(batches, lambda item: prepare(item, model.processor, rows), workers)
-    counts = [0, 0]
-    with tqdm(total=len(todo), unit="image", desc="captioning", disable=not show_progress) as bar:
-        for batch, prepared in zip(batches, ready):
-            good = [(item, name, inputs) for item, (name, inputs, reason) in zip(batch, prepared) if reason is None]
-            texts = caption_batch(model, [inputs for _, _, inputs in good], generate_kwargs) if good else []
-            captions.write([{"image": item.key, "image_name": name, "caption": text}
-                            for (item, name, _), text in zip(good, texts)])
-            failures.write([failure_record(item, name, reason)
-                            for item, (name, _, reason) in zip(batch, prepared) if reason is not None])
-            counts[0] += len(good)
-            counts[1] += len(batch) - len(good)
-            bar.update(len(batch))
-    return counts
+
+    def caption_one_batch(prepared_batch):
+        batch, prepared = prepared_batch
+        good = [(item, name, inputs) for item, (name, inputs, reason) in zip(batch, prepared) if reason is None]
+        texts = caption_batch(model, [inputs for _, _, inputs in good], generate_kwargs) if good else []
+        captions = [{"image": item.key, "image_name": name, "caption": text}
+                    for (item, name, _), text in zip(good, texts)]
+        return captions, [failure_record(item, name, reason)
+                          for item, (name, _, reason) in zip(batch, prepared) if reason is not None]
+
+    return job.run(zip(batches, ready), caption_one_batch, len(todo), "image", show_progress)
 
 
 def run(args):
     """`maccap caption`: returns 0 once every image is captioned or recorded as failed."""
     rank, world_size, local_rank = process_position()
-    out = Path(args.out)
-    errors = Path(args.errors) if args.errors else out.with_suffix(".errors.jsonl")
-    if out.is_dir() or errors.resolve() == out.resolve():
-        raise CaptioningError(f"--out {out} must be a file, other than the errors file {errors}")
+    job = JsonlJob("caption", args.out, args.errors, CAPTION_FIELDS, "captions", rank, world_size)
     generate_kwargs = generate_options(args)
     device = args.device or default_device()
     if world_size > 1 and device == "cuda":
@@ -446,40 +339,30 @@ def run(args):
     items, rows = resolve_items(args)
     if rank == 0:
         _warn_repeated_names(items)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    errors.parent.mkdir(parents=True, exist_ok=True)
 
     processes = Processes(world_size)
     try:
-        done = check_outputs(out, args.resume)
-        mine = out if world_size == 1 else shard_path(out, rank)
-        mine_errors = errors if world_size == 1 else shard_path(errors, rank)
-        if args.resume:
-            drop_torn_line(mine)
-            drop_torn_line(mine_errors)
-        elif rank == 0:  # a fresh run: failures of an earlier run into the same --out are stale
-            for path in [errors, *shard_files(errors)]:
-                path.unlink(missing_ok=True)
+        done = job.start(args.resume)
         processes.wait_for_everyone()  # nobody writes before every process has checked the outputs
 
         share = shard(items, rank, world_size)
         todo = [item for item in share if item.key not in done]
         counts = [0, 0]
         if todo:
-            model = load_inference_model(args.model, device, args.dtype, error=CaptioningError)
+            model = load_inference_model(args.model, device, args.dtype)
             print(f"maccap caption: {len(todo)} images to caption with {args.model} on {device} in {args.dtype}"
                   + (f" (process {rank} of {world_size})" if world_size > 1 else ""), file=sys.stderr)
-            with JsonlAppender(mine) as captions, JsonlAppender(mine_errors) as failures:
-                counts = caption_items(todo, model, rows, generate_kwargs, captions, failures, args.batch_size,
-                                       args.num_workers, show_progress=rank == 0)
+            counts = caption_items(todo, model, rows, generate_kwargs, job, args.batch_size, args.num_workers,
+                                   show_progress=rank == 0)
         processes.wait_for_everyone()
         if rank == 0:
-            finalize(out, errors, items)
+            job.finalize([item.key for item in items])
         captioned, failed, skipped = processes.sum([*counts, len(share) - len(todo)])
         if rank == 0:
-            print(f"maccap caption: {captioned} captioned, {failed} failed, {skipped} skipped as already done: {out}")
+            print(f"maccap caption: {captioned} captioned, {failed} failed, {skipped} skipped as already done: "
+                  f"{job.out}")
             if failed:
-                print(f"maccap caption: the reasons of the {failed} failed images are in {errors}")
+                print(f"maccap caption: the reasons of the {failed} failed images are in {job.errors}")
     finally:
         processes.close()
     return 0

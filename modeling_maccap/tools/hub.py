@@ -9,6 +9,9 @@ import json
 import shutil
 from pathlib import Path
 
+from .errors import MacCapError, read_json
+from .hub_config import load_hub_config
+
 # Written into every staging folder (and never uploaded): re-staging may replace only a folder that has it.
 STAGING_MARKER = ".maccap-staging"
 CARD_TAGS = ["zero-shot-image-captioning", "custom_code", "image-captioning", "text-only-training", "maccap"]
@@ -27,30 +30,22 @@ TEXT_ONLY_COCO_CIDER = [("CapDec", 91.8), ("DeCap", 91.2), ("ViECap", 92.9), ("K
                         ("IFCap", 108.0)]
 
 
-class UploadError(RuntimeError):
-    """Staging or pushing failed; the message says what was wrong and what happened to the staged folder."""
-
-
 # --------------------------------------------------------------------------------------------- eval results
 def read_eval_results(path):
     """An evaluation results file: one object (or a list of them) of the form
     `{"dataset": {"id", "name", "split"}, "metrics": {"CIDEr": 0.95, "BLEU-4": 0.31, ...}}`."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UploadError(f"cannot read evaluation results {path}: {error}") from None
+    data = read_json(path, "evaluation results")
     entries = data if isinstance(data, list) else [data]
     for i, entry in enumerate(entries):
         where = f"{path}" + (f" [{i}]" if isinstance(data, list) else "")
         if not isinstance(entry, dict) or not isinstance(entry.get("dataset"), dict) or "id" not in entry["dataset"]:
-            raise UploadError(f"{where}: needs a 'dataset' object with at least an 'id'")
+            raise MacCapError(f"{where}: needs a 'dataset' object with at least an 'id'")
         metrics = entry.get("metrics")
         if not isinstance(metrics, dict) or not metrics:
-            raise UploadError(f"{where}: needs a non-empty 'metrics' object of name -> number")
+            raise MacCapError(f"{where}: needs a non-empty 'metrics' object of name -> number")
         bad = [name for name, value in metrics.items() if isinstance(value, bool) or not isinstance(value, (int, float))]
         if bad:
-            raise UploadError(f"{where}: metrics {', '.join(bad)} are not numbers")
+            raise MacCapError(f"{where}: metrics {', '.join(bad)} are not numbers")
     return entries
 
 
@@ -83,11 +78,13 @@ def model_card(hub_config, repo_id, eval_results=(), num_projector_parameters=No
         base_model=[hub_config.clip, hub_config.lm], datasets=hub_config.dataset_ids or None,
         model_name=hub_config.model_name, eval_results=results or None,
     )
-    corpus = (f"[{hub_config.dataset['hub_id']}](https://huggingface.co/datasets/{hub_config.dataset['hub_id']})"
-              + (f" (subset `{hub_config.dataset['config']}`)" if hub_config.dataset.get("config") else "")
-              + f", split `{hub_config.dataset['split']}`, column `{hub_config.dataset['column']}`"
-              if hub_config.dataset_ids else f"the caption file `{Path(hub_config.dataset['file']).name}`")
-    method_rows = [(f"`{k}`", f"`{v}`") for k, v in hub_config.maccap.items()]
+    spec = hub_config.corpus
+    corpus = (f"[{spec['hub_id']}](https://huggingface.co/datasets/{spec['hub_id']})"
+              + (f" (subset `{spec['config']}`)" if spec.get("config") else "")
+              + f", split `{spec['split']}`, column `{spec['column']}`"
+              if hub_config.dataset_ids else f"the caption file `{Path(spec['file']).name}`")
+    settings = hub_config.maccap_settings
+    method_rows = [(f"`{k}`", f"`{v}`") for k, v in settings.items()]
     training_rows = [(f"`{k}`", f"`{json.dumps(v)}`") for k, v in hub_config.training_arguments.items()]
     if eval_results:
         evaluation = _table(["dataset", "split", "metric", "value", "scale"],
@@ -105,7 +102,7 @@ Zero-shot image captioning trained on text only: **MacCap** (Qiu, Ning, He, AAAI
 Image-Text Alignment for Zero-Shot Captioning via Text-Only Training"). A small projector{projector} maps CLIP
 embeddings to prefix embeddings of a frozen causal LM. It was trained on captions alone, with Gaussian noise
 injected into the CLIP text embeddings to bridge CLIP's modality gap. At inference the model aggregates image
-subregion features and reranks {hub_config.maccap['num_candidates']} noisy candidate captions with CLIP, inside
+subregion features and reranks {settings['num_candidates']} noisy candidate captions with CLIP, inside
 `generate()`.
 
 - CLIP: [{hub_config.clip}](https://huggingface.co/{hub_config.clip})
@@ -186,33 +183,30 @@ def _load_checkpoint(checkpoint_dir):
     checkpoint_dir = Path(checkpoint_dir)
     config_file = checkpoint_dir / "config.json"
     if not config_file.is_file():
-        raise UploadError(f"{checkpoint_dir} is not a checkpoint folder: it has no config.json")
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UploadError(f"{config_file} is not valid JSON: {error}") from None
+        raise MacCapError(f"{checkpoint_dir} is not a checkpoint folder: it has no config.json")
+    model_type = read_json(config_file, "checkpoint config").get("model_type")
     if model_type != "maccap":
-        raise UploadError(f"{checkpoint_dir} holds a {model_type!r} model, not a MacCap checkpoint")
+        raise MacCapError(f"{checkpoint_dir} holds a {model_type!r} model, not a MacCap checkpoint")
     if not any(checkpoint_dir.glob("*.safetensors")) and not (checkpoint_dir / "model.safetensors.index.json").is_file():
-        raise UploadError(f"{checkpoint_dir} has no safetensors weights; maccap publishes (and loads) only "
+        raise MacCapError(f"{checkpoint_dir} has no safetensors weights; maccap publishes (and loads) only "
                           "safetensors, never pickled .bin files")
     try:
         model = MacCapForConditionalGeneration.from_pretrained(checkpoint_dir, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        raise UploadError(f"cannot load the checkpoint {checkpoint_dir}: {error}") from None
+        raise MacCapError(f"cannot load the checkpoint {checkpoint_dir}: {error}") from None
     if model.processor is None:
-        raise UploadError(f"{checkpoint_dir} has no processor files (processor_config.json, tokenizers): a repo "
+        raise MacCapError(f"{checkpoint_dir} has no processor files (processor_config.json, tokenizers): a repo "
                           "without them cannot caption; save the processor beside the weights")
     return model
 
 
 def _check_matches(model, hub_config):
     wrong = [f"{name}: checkpoint {getattr(model.config, name)!r}, hub config {value!r}"
-             for name, value in hub_config.maccap.items() if getattr(model.config, name) != value]
+             for name, value in hub_config.maccap_settings.items() if getattr(model.config, name) != value]
     if wrong:
-        raise UploadError(f"the checkpoint was not trained with {hub_config.path.name}: " + "; ".join(wrong))
+        raise MacCapError(f"the checkpoint was not trained with {hub_config.path.name}: " + "; ".join(wrong))
     if model.processor.max_caption_length != hub_config.max_caption_length:
-        raise UploadError(f"the checkpoint's processor keeps {model.processor.max_caption_length} caption tokens, "
+        raise MacCapError(f"the checkpoint's processor keeps {model.processor.max_caption_length} caption tokens, "
                           f"{hub_config.path.name} says {hub_config.max_caption_length}")
 
 
@@ -220,7 +214,7 @@ def _prepare_staging_dir(staging_dir):
     staging_dir = Path(staging_dir)
     if staging_dir.exists() and any(staging_dir.iterdir()):
         if not (staging_dir / STAGING_MARKER).is_file():
-            raise UploadError(f"staging folder {staging_dir} exists and was not made by maccap upload; "
+            raise MacCapError(f"staging folder {staging_dir} exists and was not made by maccap upload; "
                               "choose another --staging-dir")
         shutil.rmtree(staging_dir)
     staging_dir.mkdir(parents=True, exist_ok=True)
@@ -255,17 +249,17 @@ def push(staging_dir, repo_id, private=False, revision=None, commit_message=None
     kept = f"the staged folder {staging_dir} is kept"
     token = get_token()
     if token is None:
-        raise UploadError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again; {kept}")
+        raise MacCapError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again; {kept}")
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=exist_ok)
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code == 409:
-            raise UploadError(f"the repo {repo_id} already exists on {constants.ENDPOINT}; pass --exist-ok to add a "
+            raise MacCapError(f"the repo {repo_id} already exists on {constants.ENDPOINT}; pass --exist-ok to add a "
                               f"commit to it; {kept}") from None
-        raise UploadError(f"cannot create the repo {repo_id}: {error}; {kept}") from None
+        raise MacCapError(f"cannot create the repo {repo_id}: {error}; {kept}") from None
     except Exception as error:  # noqa: BLE001 - connection errors come from the HTTP client's own hierarchy
-        raise UploadError(f"cannot reach {constants.ENDPOINT} to create {repo_id}: {error!r}; {kept}") from None
+        raise MacCapError(f"cannot reach {constants.ENDPOINT} to create {repo_id}: {error!r}; {kept}") from None
     try:
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -273,6 +267,40 @@ def push(staging_dir, repo_id, private=False, revision=None, commit_message=None
                                  commit_message=commit_message or "Upload MacCap checkpoint",
                                  ignore_patterns=[STAGING_MARKER])
     except Exception as error:  # noqa: BLE001 - a dropped connection, an HTTP error, a full disk: same advice
-        raise UploadError(f"upload of {staging_dir} to {repo_id} failed: {error!r}; {kept}: push it again with "
+        raise MacCapError(f"upload of {staging_dir} to {repo_id} failed: {error!r}; {kept}: push it again with "
                           "--exist-ok") from None
     return info.commit_url
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def add_parser(commands):
+    up = commands.add_parser("upload", help="stage a trained checkpoint as a Hub repo (model card included) and push it")
+    up.add_argument("checkpoint", help="the trained model folder (safetensors weights and processor files)")
+    up.add_argument("--hub-config", required=True, help="the hub_configs/*.json the checkpoint was trained with")
+    up.add_argument("--repo-id", help="ORG/NAME (default: the hub config's repo_id)")
+    up.add_argument("--eval-results", help="evaluation results JSON to put into the card's model-index")
+    up.add_argument("--staging-dir", help="where the repo folder is staged (default: CHECKPOINT-hub-staging)")
+    up.add_argument("--max-shard-size", default="2GB", help="weights are sharded above this (default: %(default)s)")
+    up.add_argument("--dry-run", action="store_true", help="stage only; push nothing")
+    up.add_argument("--private", action="store_true", help="create the repo private")
+    up.add_argument("--revision", help="branch to push to (created if missing; default: main)")
+    up.add_argument("--commit-message", help="commit message (default: 'Upload MacCap checkpoint')")
+    up.add_argument("--exist-ok", action="store_true", help="add a commit to a repo that already exists")
+    up.set_defaults(run=run)
+    return up
+
+
+def run(args):
+    hub_config = load_hub_config(args.hub_config)
+    repo_id = args.repo_id or hub_config.repo_id
+    checkpoint = Path(args.checkpoint)
+    staging_dir = Path(args.staging_dir or checkpoint.parent / f"{checkpoint.name}-hub-staging")
+    stage(checkpoint, hub_config, staging_dir, repo_id=repo_id, eval_results=args.eval_results,
+          max_shard_size=args.max_shard_size)
+    print(f"staged {repo_id} in {staging_dir}")
+    if args.dry_run:
+        return 0
+    url = push(staging_dir, repo_id, private=args.private, revision=args.revision,
+               commit_message=args.commit_message, exist_ok=args.exist_ok)
+    print(f"pushed {staging_dir} to {repo_id}: {url}")
+    return 0

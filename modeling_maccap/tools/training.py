@@ -5,6 +5,7 @@ features once, trains, and writes a folder that `AutoModel.from_pretrained(..., 
 `pipeline("image-to-text")` load. Under `torchrun` the same call trains data-parallel.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,20 +15,13 @@ from pathlib import Path
 import torch
 from transformers import Trainer, set_seed
 
-from .hub_config import HubConfigError
+from .errors import MacCapError
+from .hub_config import check_training_arguments, load_hub_config
 
 logger = logging.getLogger(__name__)
 
 CAPTION_BUILDERS = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 FEATURE_COLUMN = "clip_text_embeds"
-
-
-class TrainingError(ValueError):
-    """A training run that cannot start or go on: the message says what is wrong and what to do."""
-
-
-class CaptionDataError(TrainingError):
-    """A caption corpus that cannot be read: the message names the file or dataset and what is wrong."""
 
 
 def _read_corpus(spec):
@@ -38,36 +32,36 @@ def _read_corpus(spec):
         try:
             return datasets.load_dataset(spec["hub_id"], spec.get("config"), split=spec["split"]), where
         except Exception as error:  # noqa: BLE001 - datasets raises many types; all mean "cannot read it"
-            raise CaptionDataError(f"cannot load {where}, split {spec['split']!r}: {error}") from None
+            raise MacCapError(f"cannot load {where}, split {spec['split']!r}: {error}") from None
     file = Path(spec["file"])
     where = f"caption file {file}"
     if not file.is_file():
-        raise CaptionDataError(f"{where} does not exist")
+        raise MacCapError(f"{where} does not exist")
     try:
         if file.suffix == ".json":  # the reference format: a JSON list of caption strings (or of records)
             data = json.loads(file.read_text(encoding="utf-8"))
             if not isinstance(data, list):
-                raise CaptionDataError(f"{where}: expected a JSON list, got {type(data).__name__}")
+                raise MacCapError(f"{where}: expected a JSON list, got {type(data).__name__}")
             if all(isinstance(row, dict) for row in data):
                 return datasets.Dataset.from_list(data), where
             return datasets.Dataset.from_dict({"caption": [row if isinstance(row, str) else None for row in data]}), where
         if file.suffix not in CAPTION_BUILDERS:
-            raise CaptionDataError(f"{where}: unknown format {file.suffix!r}; use .json, {', '.join(CAPTION_BUILDERS)}")
+            raise MacCapError(f"{where}: unknown format {file.suffix!r}; use .json, {', '.join(CAPTION_BUILDERS)}")
         return datasets.load_dataset(CAPTION_BUILDERS[file.suffix], data_files=str(file), split="train"), where
-    except CaptionDataError:
+    except MacCapError:
         raise
     except Exception as error:  # noqa: BLE001 - json, arrow and datasets errors all mean "unreadable"
-        raise CaptionDataError(f"cannot read {where}: {error}") from None
+        raise MacCapError(f"cannot read {where}: {error}") from None
 
 
 def load_captions(spec, tokenizer=None, max_tokens=None):
-    """A `datasets.Dataset` with one string column "caption" from a dataset spec (a hub config's `dataset`).
+    """A `datasets.Dataset` with one string column "caption" from a corpus spec (a hub config's `corpus`).
     A column may hold one caption or a list of captions per row; empty, whitespace-only and non-string values,
     and with a `tokenizer`, captions longer than `max_tokens` of its tokens, are dropped and counted in the log."""
     dataset, where = _read_corpus(spec)
     column = spec.get("column") or ("text" if Path(spec.get("file", "")).suffix == ".txt" else "caption")
     if column not in dataset.column_names:
-        raise CaptionDataError(f"{where} has no column {column!r} (columns: {', '.join(dataset.column_names)})")
+        raise MacCapError(f"{where} has no column {column!r} (columns: {', '.join(dataset.column_names)})")
     counts = {"seen": 0, "empty": 0}
 
     def clean(batch):
@@ -88,15 +82,15 @@ def load_captions(spec, tokenizer=None, max_tokens=None):
     dropped += [f"{long} longer than {max_tokens} tokens dropped"] if long else []
     logger.warning(", ".join([f"{where}: {len(captions)} captions", *dropped]))
     if len(captions) == 0:
-        raise CaptionDataError(f"{where}: no usable caption in column {column!r}")
+        raise MacCapError(f"{where}: no usable caption in column {column!r}")
     return captions
 
 
 def split_corpus(hub_config, tokenizer=None):
     """(train, eval) caption datasets of a hub config's corpus; eval is None without a held-out part. With the LM
     `tokenizer`, captions longer than the hub config's `max_caption_length` tokens are dropped."""
-    spec = hub_config.dataset
-    file = hub_config.dataset_file()
+    spec = hub_config.corpus
+    file = hub_config.corpus_file()
     limit = {"tokenizer": tokenizer, "max_tokens": hub_config.max_caption_length}
     train = load_captions({**spec, "file": str(file)} if file else spec, **limit)
     evaluation = None
@@ -153,9 +147,8 @@ def cache_text_features(captions, model, processor, cache_dir, batch_size=256):
     cache_file.parent.mkdir(parents=True, exist_ok=True)
 
     def embed(batch):
-        tokens = processor.clip_text_inputs(batch["caption"])
         with torch.no_grad():
-            features = model.get_text_embeds(tokens["input_ids"], tokens["attention_mask"])
+            features = model.embed_texts(batch["caption"], processor)
         return {FEATURE_COLUMN: features.cpu().numpy()}
 
     training = model.clip.training
@@ -235,7 +228,7 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
     """Train the variant described by `hub_config` (a `HubConfig` or the path of one) and save it to `output_dir`.
 
     `clip` / `lm` replace the hub config's component checkpoints (e.g. local copies), `max_steps` its epoch
-    count, `finetune_lm` its `finetune_lm` (use `dataclasses.replace(hub_config, dataset=...)` for another
+    count, `finetune_lm` its `finetune_lm` (use `dataclasses.replace(hub_config, corpus=...)` for another
     corpus). `precision` is "auto" (bf16 or fp16 on a GPU, fp32 on CPU), "fp32", "bf16" or "fp16".
     `resume` continues from the last `checkpoint-N` in `output_dir`; without it, a folder that holds checkpoints
     is refused. `feature_cache=False` runs the CLIP text tower at every step instead of once per corpus
@@ -244,7 +237,6 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .hub_config import load_hub_config
     from ..modeling_maccap import MacCapForConditionalGeneration
 
     if not hasattr(hub_config, "training_arguments"):
@@ -252,16 +244,16 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
     output_dir = Path(output_dir)
     checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if resume and checkpoint is None:
-        raise TrainingError(f"--resume: {output_dir} holds no checkpoint-N folder to resume from")
+        raise MacCapError(f"--resume: {output_dir} holds no checkpoint-N folder to resume from")
     if not resume and checkpoint is not None:
-        raise TrainingError(f"{output_dir} already holds {Path(checkpoint).name}: pass --resume to continue that "
-                            "run, or choose another --output-dir")
+        raise MacCapError(f"{output_dir} already holds {Path(checkpoint).name}: pass --resume to continue that "
+                          "run, or choose another --output-dir")
     if push_to_hub:
         from huggingface_hub import get_token
 
         if get_token() is None:  # before the run, not after hours of it
-            raise TrainingError(f"--push-to-hub {push_to_hub}: no Hugging Face token; set HF_TOKEN or run "
-                                "`hf auth login`")
+            raise MacCapError(f"--push-to-hub {push_to_hub}: no Hugging Face token; set HF_TOKEN or run "
+                              "`hf auth login`")
 
     arguments = dict(hub_config.training_arguments)
     if max_steps is not None:
@@ -280,15 +272,15 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
         model = MacCapForConditionalGeneration.from_pretrained_components(
             clip=clip, lm=lm, freeze_lm=not finetune_lm, **hub_config.maccap)
     except OSError as error:
-        raise HubConfigError(f"{hub_config.path}: components: cannot load CLIP {clip!r} and LM {lm!r} (--clip / --lm "
-                             f"take local copies): {str(error).splitlines()[0]}") from None
+        raise MacCapError(f"{hub_config.path}: architecture.components: cannot load CLIP {clip!r} and LM {lm!r} "
+                          f"(--clip / --lm take local copies): {str(error).splitlines()[0]}") from None
     processor = model.processor
     processor.max_caption_length = hub_config.max_caption_length
     with args.main_process_first(desc="reading captions"):
         train_set, eval_set = split_corpus(hub_config, tokenizer=processor.tokenizer)
     if arguments.get("eval_strategy", "no") != "no" and eval_set is None:
-        raise HubConfigError(f"{hub_config.path}: training.arguments.eval_strategy is {arguments['eval_strategy']!r} "
-                             "but the corpus has no held-out part: set dataset.validation_split or validation_fraction")
+        raise MacCapError(f"{hub_config.path}: training.arguments.eval_strategy is {arguments['eval_strategy']!r} "
+                          "but the corpus has no held-out part: set corpus.validation_split or validation_fraction")
     if feature_cache:
         model.clip.to(args.device)
         with args.main_process_first(desc="CLIP text features"):  # one process computes, the others read the file
@@ -314,3 +306,69 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
             url = push(staging_dir, push_to_hub, exist_ok=True)
             logger.warning(f"pushed {output_dir} to {push_to_hub}: {url}")
     return output_dir
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def add_parser(commands):
+    fit = commands.add_parser("train", help="train a variant's projector on captions alone")
+    fit.add_argument("--hub-config", required=True, help="hub_configs/*.json: components, method, corpus, arguments")
+    fit.add_argument("--output-dir", help="where the trained model goes (default: checkpoints/<repo name>)")
+    fit.add_argument("--clip", help="CLIP checkpoint instead of the hub config's (Hub id or local folder)")
+    fit.add_argument("--lm", help="causal LM checkpoint instead of the hub config's (Hub id or local folder)")
+    fit.add_argument("--captions", help="corpus instead of the hub config's: a caption file (.json list, .jsonl, "
+                                        ".csv, .parquet, .txt) or a Hub dataset id")
+    fit.add_argument("--caption-column", help="column of --captions holding the captions")
+    fit.add_argument("--caption-split", default="train", help="split of a Hub dataset --captions (default: %(default)s)")
+    fit.add_argument("--validation-fraction", type=float, help="fraction of --captions held out for the eval loss")
+    fit.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    fit.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="override a TrainingArguments value of the hub config, e.g. gradient_accumulation_steps=4 "
+                          "(repeatable; VALUE is read as JSON)")
+    fit.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                     help="mixed precision; auto = bf16 (or fp16) on a GPU, fp32 on CPU (default: %(default)s)")
+    fit.add_argument("--finetune-lm", action="store_true", help="also train the LM (default: the hub config's "
+                                                                 "finetune_lm; the projector alone)")
+    fit.add_argument("--resume", action="store_true", help="continue from the last checkpoint-N in --output-dir")
+    fit.add_argument("--no-feature-cache", action="store_true",
+                     help="run the CLIP text tower at every step instead of caching the corpus's features once")
+    fit.add_argument("--feature-cache-dir", help="where cached CLIP text features live (default: under datasets' "
+                                                 "cache, HF_DATASETS_CACHE/maccap_text_features)")
+    fit.add_argument("--push-to-hub", metavar="ORG/NAME", help="when done, stage the model (card included) and push "
+                                                               "it as `maccap upload` does")
+    fit.set_defaults(run=run)
+    return fit
+
+
+def _argument_overrides(settings):
+    """`--set NAME=VALUE` pairs (VALUE read as JSON, else as a string) -> TrainingArguments overrides."""
+    overrides = {}
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            raise MacCapError(f"--set {setting!r}: expected NAME=VALUE, e.g. gradient_accumulation_steps=4")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name] = value
+    return overrides
+
+
+def run(args):
+    hub_config = load_hub_config(args.hub_config)
+    if args.captions:  # another corpus in place of the hub config's: a file, or else a Hub dataset id
+        path = Path(args.captions)
+        corpus = {"file": str(path.resolve())} if path.exists() or path.suffix else {
+            "hub_id": args.captions, "split": args.caption_split}
+        corpus.update({k: v for k, v in (("column", args.caption_column),
+                                          ("validation_fraction", args.validation_fraction)) if v is not None})
+        hub_config = dataclasses.replace(hub_config, corpus=corpus)
+    if args.set:
+        arguments = {**hub_config.training_arguments, **_argument_overrides(args.set)}
+        check_training_arguments("--set", arguments)
+        hub_config = dataclasses.replace(hub_config, training_arguments=arguments)
+    output_dir = args.output_dir or Path("checkpoints") / hub_config.repo_id.split("/")[-1]
+    train(hub_config, output_dir, clip=args.clip, lm=args.lm, max_steps=args.max_steps, precision=args.precision,
+          finetune_lm=args.finetune_lm or None, resume=args.resume, feature_cache=not args.no_feature_cache,
+          cache_dir=args.feature_cache_dir, push_to_hub=args.push_to_hub)
+    print(f"trained {hub_config.model_name}: {output_dir}")
+    return 0

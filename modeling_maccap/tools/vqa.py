@@ -9,16 +9,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .jobs import DTYPES, JsonlAppender, count, drop_torn_line, load_inference_model
+from .errors import MacCapError, read_json
+from .jobs import DTYPES, JsonlJob, count, load_inference_model, read_records
 
 DEFAULT_IMAGE_PATTERN = "COCO_val2014_{image_id:012d}.jpg"
-
-
-class VQAError(ValueError):
-    """An unusable VQA input (file, option, model); the message names it and says why."""
-
-
-ERRORS = (VQAError,)  # cli.main prints these as `maccap vqa: error: ...` and returns 2
+# What a line of the answers file holds, its key first.
+ANSWER_FIELDS = {"question_id": (int, str), "answer": str}
 
 # ------------------------------------------------------------------------------------------ normalisation
 # The rules of the official VQA evaluation script (vqaEval.py).
@@ -89,7 +85,7 @@ def vqa_accuracy(prediction, answers):
     predicted = normalize_answer(prediction)
     gold = [normalize_answer(answer) for answer in answers]
     if not gold:
-        raise VQAError("no annotator answers to score against")
+        raise MacCapError("no annotator answers to score against")
     if len(gold) == 1:
         return float(gold[0] == predicted)
     full = min(3, len(gold) - 1)
@@ -102,7 +98,7 @@ def score_answers(answers, annotations):
     ({question_id: predicted answer}; `annotations`: {question_id: annotation}): "overall", "per_answer_type"
     and "per_question_type"."""
     if not answers:
-        raise VQAError("no answered questions to score")
+        raise MacCapError("no answered questions to score")
     accuracy = {qid: vqa_accuracy(answer, [a["answer"] for a in annotations[qid]["answers"]])
                 for qid, answer in answers.items()}
     groups = {"per_answer_type": defaultdict(list), "per_question_type": defaultdict(list)}
@@ -119,26 +115,17 @@ def score_answers(answers, annotations):
 
 
 # ------------------------------------------------------------------------------------------------- files
-def _read_json(path, what):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VQAError(f"{what} file {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise VQAError(f"cannot read {what} file {path}: {error}") from None
-
-
 def _records(path, key):
-    data = _read_json(path, key)
+    data = read_json(path, f"{key} file")
     records = data.get(key) if isinstance(data, dict) else data  # a bare list is accepted too
     if not isinstance(records, list):
-        raise VQAError(f'{path}: expected {{"{key}": [...]}}')
+        raise MacCapError(f'{path}: expected {{"{key}": [...]}}')
     return records
 
 
 def _check_id(value, where, name):
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise VQAError(f"{where}: {name} must be an integer or a string, got {value!r}")
+        raise MacCapError(f"{where}: {name} must be an integer or a string, got {value!r}")
 
 
 def read_questions(path):
@@ -147,13 +134,13 @@ def read_questions(path):
     for i, record in enumerate(_records(path, "questions")):
         where = f"{path}: question {i}"
         if not isinstance(record, dict) or not {"question_id", "image_id", "question"} <= record.keys():
-            raise VQAError(f"{where}: needs question_id, image_id and question")
+            raise MacCapError(f"{where}: needs question_id, image_id and question")
         _check_id(record["question_id"], where, "question_id")
         _check_id(record["image_id"], where, "image_id")
         if not isinstance(record["question"], str) or not record["question"].strip():
-            raise VQAError(f"{where}: the question is empty or not a string")
+            raise MacCapError(f"{where}: the question is empty or not a string")
         if record["question_id"] in seen:
-            raise VQAError(f"{where}: question_id {record['question_id']!r} appears twice")
+            raise MacCapError(f"{where}: question_id {record['question_id']!r} appears twice")
         seen.add(record["question_id"])
         questions.append({key: record[key] for key in ("question_id", "image_id", "question")})
     return questions
@@ -166,48 +153,33 @@ def read_annotations(path):
     for i, record in enumerate(_records(path, "annotations")):
         where = f"{path}: annotation {i}"
         if not isinstance(record, dict) or "question_id" not in record:
-            raise VQAError(f"{where}: needs a question_id")
+            raise MacCapError(f"{where}: needs a question_id")
         _check_id(record["question_id"], where, "question_id")
         answers = record.get("answers")
         if not isinstance(answers, list) or not answers or not all(
                 isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers):
-            raise VQAError(f'{where}: needs a non-empty "answers" list of {{"answer": "..."}}')
+            raise MacCapError(f'{where}: needs a non-empty "answers" list of {{"answer": "..."}}')
         annotations[record["question_id"]] = record
     return annotations
 
 
 def read_answers(path):
-    """The answers JSONL `maccap vqa` writes -> {question_id: record}."""
-    answers = {}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise VQAError(f"cannot read answers file {path}: {error}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record["answer"], str):
-                raise TypeError("its answer is not a string")
-            answers[record["question_id"]] = record
-        except (json.JSONDecodeError, TypeError, KeyError) as error:
-            raise VQAError(f"{path}:{number}: not an answer record ({error})") from None
-    return answers
+    """The answers JSONL `maccap vqa` writes -> {question_id: record} (a torn last line is left out)."""
+    return {record["question_id"]: record for record in read_records(path, "vqa", ANSWER_FIELDS)}
 
 
 def image_paths(questions, images_dir, pattern=DEFAULT_IMAGE_PATTERN):
     """{question_id: image file}: `pattern` filled with the question's image_id, inside `images_dir`."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
-        raise VQAError(f"--images {images_dir}: no such folder")
+        raise MacCapError(f"--images {images_dir}: no such folder")
     paths = {}
     for question in questions:
         try:
             paths[question["question_id"]] = images_dir / pattern.format(image_id=question["image_id"])
         except (KeyError, IndexError, ValueError) as error:
-            raise VQAError(f"--image-pattern {pattern!r} cannot name image {question['image_id']!r}: "
-                           f"{type(error).__name__}: {error}") from None
+            raise MacCapError(f"--image-pattern {pattern!r} cannot name image {question['image_id']!r}: "
+                              f"{type(error).__name__}: {error}") from None
     return paths
 
 
@@ -225,30 +197,24 @@ def _load_images(paths):
     return loaded
 
 
-def answer_questions(model, processor, questions, paths, answers_file, errors_file, batch_size=16,
-                     **generate_kwargs):
-    """Answer `questions` batch by batch, appending each batch's answers to `answers_file` and the questions whose
-    image cannot be read to `errors_file` (`JsonlAppender`s) as it goes. Returns (#answered, #failed)."""
-    from tqdm import tqdm
+def answer_questions(model, processor, questions, paths, job, batch_size=16, **generate_kwargs):
+    """Answer `questions` batch by batch into `job` (a JsonlJob): each batch's answers, and the questions whose
+    image cannot be read, are appended as it goes. Returns [#answered, #failed]."""
+    def answer_batch(batch):
+        batch_paths = [paths[q["question_id"]] for q in batch]
+        images = _load_images(batch_paths)
+        ready = [(q, images[path]) for q, path in zip(batch, batch_paths) if not isinstance(images[path], str)]
+        answers = []
+        if ready:
+            pixel_values = processor(images=[image for _, image in ready])["pixel_values"]
+            answers = model.answer(pixel_values, [q["question"] for q, _ in ready], processor=processor,
+                                   **generate_kwargs)
+        return ([{**q, "answer": a} for (q, _), a in zip(ready, answers)],
+                [{**q, "image": str(path), "error": images[path]}
+                 for q, path in zip(batch, batch_paths) if isinstance(images[path], str)])
 
-    answered = failed = 0
-    with tqdm(total=len(questions), desc="maccap vqa", unit="question") as bar:
-        for start in range(0, len(questions), batch_size):
-            batch = questions[start:start + batch_size]
-            batch_paths = [paths[q["question_id"]] for q in batch]
-            images = _load_images(batch_paths)
-            ready = [(q, images[path]) for q, path in zip(batch, batch_paths) if not isinstance(images[path], str)]
-            if ready:
-                pixel_values = processor(images=[image for _, image in ready])["pixel_values"]
-                answers = model.answer(pixel_values, [q["question"] for q, _ in ready], processor=processor,
-                                       **generate_kwargs)
-                answers_file.write([{**q, "answer": a} for (q, _), a in zip(ready, answers)])
-            errors = [{**q, "image": str(path), "error": images[path]}
-                      for q, path in zip(batch, batch_paths) if isinstance(images[path], str)]
-            errors_file.write(errors)
-            answered, failed = answered + len(ready), failed + len(errors)
-            bar.update(len(batch))
-    return answered, failed
+    batches = [questions[start:start + batch_size] for start in range(0, len(questions), batch_size)]
+    return job.run(batches, answer_batch, len(questions), "question")
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -293,32 +259,20 @@ def add_parser(commands):
 def _check_args(args):
     if args.image or args.question:
         if args.questions or args.images:
-            raise VQAError("give either --image and --question, or --questions and --images, not both")
+            raise MacCapError("give either --image and --question, or --questions and --images, not both")
         if not (args.image and args.question):
-            raise VQAError("--image and --question go together")
+            raise MacCapError("--image and --question go together")
         if not all(q.strip() for q in args.question):
-            raise VQAError("--question is empty")
+            raise MacCapError("--question is empty")
     elif not (args.questions and args.images):
-        raise VQAError("give --questions Q.json and --images DIR (or --image IMG and --question Q)")
+        raise MacCapError("give --questions Q.json and --images DIR (or --image IMG and --question Q)")
     if args.resume and args.overwrite:
-        raise VQAError("--resume and --overwrite exclude each other")
+        raise MacCapError("--resume and --overwrite exclude each other")
 
 
 def _generate_kwargs(args):
     options = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
     return {"noise_seed": args.noise_seed, **{k: v for k, v in options.items() if v is not None}}
-
-
-def _start_answers(out, resume, overwrite):
-    """Prepare the answers file; returns the question ids it already holds (with --resume)."""
-    if out.exists() and out.stat().st_size and not (resume or overwrite):
-        raise VQAError(f"{out} already holds answers: pass --resume to continue it or --overwrite to start over")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not (resume and out.exists()):
-        out.write_text("", encoding="utf-8")
-        return set()
-    drop_torn_line(out)  # a run killed mid-write leaves a partial last line
-    return set(read_answers(out))
 
 
 def _answer_one_image(args):
@@ -327,8 +281,8 @@ def _answer_one_image(args):
     try:
         image = load_image(args.image)
     except ValueError as error:
-        raise VQAError(str(error)) from None
-    model = load_inference_model(args.model, args.device, args.dtype, error=VQAError)
+        raise MacCapError(str(error)) from None
+    model = load_inference_model(args.model, args.device, args.dtype)
     processor = model.processor
     pixel_values = processor(images=[image])["pixel_values"].expand(len(args.question), -1, -1, -1)
     for answer in model.answer(pixel_values, args.question, processor=processor, **_generate_kwargs(args)):
@@ -346,24 +300,19 @@ def run(args):
     annotations = read_annotations(args.annotations) if args.annotations else None
     missing = [q["question_id"] for q in questions if annotations is not None and q["question_id"] not in annotations]
     if missing:
-        raise VQAError(f"{len(missing)} questions have no annotation in {args.annotations} (first: {missing[0]!r})")
-    out = Path(args.out)
-    errors_path = Path(args.errors or out.with_suffix(".errors.jsonl"))
-    done = _start_answers(out, args.resume, args.overwrite)
+        raise MacCapError(f"{len(missing)} questions have no annotation in {args.annotations} (first: {missing[0]!r})")
+    job = JsonlJob("vqa", args.out, args.errors, ANSWER_FIELDS, "answers")
+    done = job.start(args.resume, args.overwrite)
     todo = [q for q in questions if q["question_id"] not in done]
-    model = load_inference_model(args.model, args.device, args.dtype, error=VQAError)
-    processor = model.processor
-
-    errors_path.parent.mkdir(parents=True, exist_ok=True)
-    errors_path.unlink(missing_ok=True)  # rewritten each run: a resumed run retries the images that failed
-    with JsonlAppender(out) as answers_file, JsonlAppender(errors_path) as errors_file:
-        answered, failed = answer_questions(model, processor, todo, paths, answers_file, errors_file,
-                                            args.batch_size, **_generate_kwargs(args))
-    print(f"answered {answered} questions ({len(questions) - len(todo)} answered before) -> {out}")
+    model = load_inference_model(args.model, args.device, args.dtype)
+    answered, failed = answer_questions(model, model.processor, todo, paths, job, args.batch_size,
+                                        **_generate_kwargs(args))
+    job.finalize([q["question_id"] for q in questions])
+    print(f"answered {answered} questions ({len(questions) - len(todo)} answered before) -> {job.out}")
     if failed:
-        print(f"{failed} questions left unanswered: their image could not be read -> {errors_path}")
+        print(f"{failed} questions left unanswered: their image could not be read -> {job.errors}")
     if annotations is not None:
-        _score(args, questions, out, annotations)
+        _score(args, questions, job.out, annotations)
     return 0
 
 
@@ -387,5 +336,5 @@ def _score(args, questions, out, annotations):
         print(f"  {kind}: {value:.2f}")
 
 
-__all__ = ["ERRORS", "VQAError", "add_parser", "answer_questions", "normalize_answer", "read_annotations",
+__all__ = ["add_parser", "answer_questions", "normalize_answer", "read_annotations",
            "read_answers", "read_questions", "score_answers", "vqa_accuracy"]
