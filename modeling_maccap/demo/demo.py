@@ -255,9 +255,7 @@ def _diagnostics(models, test, pixel_values, predictions):
     first = [cs[0] for _, cs in test]
     with torch.no_grad():
         sub = model.get_subregion_features(pixel_values)
-        tokens = processor.clip_text_inputs(captions)
-        text = model.get_text_embeds(tokens["input_ids"], tokens["attention_mask"]).view(len(test), -1,
-                                                                                          sub.image_embeds.shape[-1])
+        text = model.embed_texts(captions, processor).view(len(test), -1, sub.image_embeds.shape[-1])
         recall = ((sub.image_embeds @ text[:, 0].T).argmax(1) == torch.arange(len(test))).float().mean().item()
         regions = F.normalize(sub.subregion_features, dim=-1)
         generator = torch.Generator().manual_seed(0)
