@@ -328,7 +328,7 @@ def child_count(spec):
 
 def shared_prefill_note(configs, settings):
     """Whether generate() shared each candidate's [prefix | prompt] prefill with its beams in every LM call."""
-    cached = [flag for c in configs for call in c["calls"] for flag in call.get("lm_generate_cached", [])]
+    cached = [flag for c in configs for flag in c["lm_generate_cached"]]
     if settings["num_beams"] > 1 and cached and all(cached):
         return "Shared prefill: on in every LM `generate` call (the prefix cache is handed to the beam search)."
     return (f"Shared prefill: **off** in {cached.count(False)} of {len(cached)} LM `generate` calls (every beam runs "
@@ -369,6 +369,7 @@ def summarise(run, batch, candidates, flops, rate):
             "word_mask_s": statistics.median(c["word_mask_s"] for c in calls),
             "clip_tokens_padded": statistics.mean(clip_tokens) if clip_tokens else None,
             "lm_generate_rows": calls[0]["lm_generate_rows"],
+            "lm_generate_cached": [flag for c in calls for flag in c["lm_generate_cached"]],
             "gflop_per_image": flops["total"] / 1e9, "floor_s": floor, "ratio_to_floor": median / floor,
             "gflop_per_image_shared_prefix": flops["total_shared_prefix"] / 1e9,
             "ratio_to_floor_shared_prefix": median / floor_shared, **run}
@@ -446,10 +447,11 @@ def flop_notes(flop_counts, settings):
     c, a = flop_counts[n], flop_counts[n]["analytic"]
     agree = [part for part in PARTS if abs(c[part] - a[part]) <= 0.001 * a[part]]
     notes = [f"FlopCounterMode on one image with {n} candidate(s) agrees with the analytic count within 0.1% on "
-             f"{', '.join(agree)}."]
+             f"{', '.join(agree)}."] if agree else []
     for part in sorted(set(PARTS) - set(agree)):
-        notes.append(f"FlopCounterMode counts {(a[part] - c[part]) / 1e9:.3f} GFLOP less than the analytic count on "
-                     f"the {part} ({n} candidate(s)).")
+        notes.append(f"FlopCounterMode counts {(a[part] - c[part]) / 1e9:.3f} GFLOP "
+                     f"({(a[part] - c[part]) / a[part]:.1%}) less than the analytic count on the {part} "
+                     f"({n} candidate(s)).")
         if part == "projector":
             notes[-1] += (f" That is the aligner's self-attention ({a['projector_self_attention'] / 1e9:.3f} GFLOP "
                           "analytic): in eval mode without grad, nn.MultiheadAttention runs it as one fused kernel "
@@ -520,8 +522,14 @@ def main():
     parser.add_argument("--matmul-size", type=int, default=None, help="square matmul for the rate (2048; cuda 8192)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generate_throughput.json")
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="'' to leave it alone")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: write the report of the results already in --out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.report_only:
+        result = json.loads(args.out.read_text(encoding="utf-8"))
+        publish(result, report(result), args.out, args.markdown)
+        return
     if args.child:
         spec = json.loads(args.child)
         result = (child_count if spec["kind"] == "count" else child_run)(spec)
