@@ -182,6 +182,22 @@ def test_causal_lm_types_are_those_auto_model_for_causal_lm_knows():
     assert not compat.is_causal_lm_type("clip") and not compat.is_causal_lm_type("t5")
 
 
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
+def test_an_image_processor_rebuilds_on_the_other_backend_with_its_settings(backend):
+    """transformers 5 names the PIL class of an image processor X `XPil` (CLIPImageProcessor / CLIPImageProcessorPil)."""
+    other = {"pil": "torchvision", "torchvision": "pil"}[backend]
+    source = compat.image_processor_with_backend(
+        transformers.CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 40, "width": 40}), other)
+    assert source.backend == other
+    rebuilt = compat.image_processor_with_backend(source, backend)
+    assert rebuilt.backend == backend
+    assert type(rebuilt).__name__ == ("CLIPImageProcessorPil" if backend == "pil" else "CLIPImageProcessor")
+    drop = ("image_processor_type", "backend")
+    assert {k: v for k, v in rebuilt.to_dict().items() if k not in drop} == \
+        {k: v for k, v in source.to_dict().items() if k not in drop}
+    assert compat.image_processor_with_backend(rebuilt, backend) is rebuilt
+
+
 def test_pil_is_pillow():
     assert compat.PIL.Image.new("RGB", (2, 2)).size == (2, 2) and hasattr(compat.PIL.ImageOps, "exif_transpose")
 
