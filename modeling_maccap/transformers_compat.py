@@ -3,7 +3,16 @@
 Remote code runs on whatever transformers a Hub user has, so everything here is keyed off what the installed
 version offers, never off a version number, and each assumption has its own test
 (tests/test_transformers_compat.py): the next upgrade that moves one fails there, loudly, not silently in
-`generate`. Imported first by configuration_maccap.py, so an older transformers stops at the version check.
+`generate`. Imported first by every remote-code file, so an older transformers stops at the version check
+(the one check that is keyed off the version number).
+
+What lives here: the KV-cache argument of a model's forward (`cache` since 5.24, `past_key_values` before);
+`GenerationMixin._prepare_generation_config` (private: the generation config as `generate` completes it); the id
+`generate` pads finished rows with; CLIP's module layout (`encoder.layers[-1].layer_norm1`, `self_attn.q_proj /
+k_proj / num_heads / head_dim / scale`); the `Pipeline` class flags and `_prepare_generate_kwargs` (private);
+`configuration_utils.SubConfigSpec / strict`, `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, `image_utils.PIL` (internal
+module paths); the `XPil` naming of PIL image processors. Replaced by public APIs elsewhere: `CLIPModel._from_config`
+(now `AutoModel.from_config`), `config._name_or_path` (now `name_or_path`).
 """
 
 import inspect
