@@ -16,18 +16,23 @@ def listing(names, limit=20):
     return ", ".join(names[:limit]) + more
 
 
-def read_json(path, what):
-    """The JSON value in the file `path` (UTF-8, a BOM allowed). A missing, unreadable, non-UTF-8 or malformed file
-    is one MacCapError naming `what` and the path."""
+def read_text(path, what):
+    """The text of the file `path` (UTF-8, a BOM allowed). A missing, unreadable or non-UTF-8 file is one
+    MacCapError naming `what` and the path."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise MacCapError(f"{what} {path}: no such file") from None
     except UnicodeDecodeError as error:
         raise MacCapError(f"{what} {path}: not UTF-8 text ({error})") from None
     except OSError as error:
         raise MacCapError(f"{what} {path}: cannot read it ({error.strerror or error})") from None
+
+
+def read_json(path, what):
+    """The JSON value in the file `path`, read by `read_text`; malformed JSON is one MacCapError too."""
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import MacCapError, listing, read_json
+from .errors import MacCapError, listing, read_json, read_text
 from .jobs import count, load_inference_model
 
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -47,15 +47,13 @@ def read_references(path):
 def read_predictions(path):
     """Predictions: JSONL (one {"image_name", "caption"} per line, as the captioning command writes) or a JSON
     list of {"image_name", "caption"} or {"image_id", "caption"}. Returns [(where, record)]."""
+    text = read_text(path, "predictions")
     try:
-        data = read_json(path, "predictions")
+        data = json.loads(text)
         records = [(f"[{i}]", record) for i, record in enumerate(data)] if isinstance(data, list) else [("line 1", data)]
-    except MacCapError as unread:
-        if not isinstance(unread.__context__, json.JSONDecodeError):  # missing, unreadable or not UTF-8: as it is
-            raise
-        # UTF-8 but not one JSON value (read_json raised from its JSONDecodeError): JSONL with more than one line
+    except json.JSONDecodeError:  # JSONL with more than one line
         records = []
-        for number, line in enumerate(Path(path).read_bytes().decode("utf-8-sig").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     records.append((f"line {number}", json.loads(line)))
