@@ -443,14 +443,15 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         the caller's cache, `use_cache=False`, a `cache_implementation` or an assistant model; where it is
         expected but this transformers or LM cannot do it, a one-time warning says why)."""
         lm = self.language_model
-        config = completed_generation_config(lm, gen_config) or gen_config  # with the LM's defaults, as generate has
+        completed = completed_generation_config(lm, gen_config)  # with the LM's defaults, as generate has them
+        config = completed or gen_config
         expand = max(config.num_beams or 1, config.num_return_sequences or 1)  # LM rows per input row
         if max_rows is None and inputs_embeds.device.type == "cpu" and not config.do_sample:
             max_rows = CPU_DECODE_ROWS
         own_cache = bool(set(CACHE_ARGUMENTS) & model_kwargs.keys())
         if own_cache:
             max_rows = None  # the caller's cache serves one call
-        cache_name = self._shared_prefill_cache_name(config, expand, model_kwargs, own_cache)
+        cache_name = self._shared_prefill_cache_name(config, expand, model_kwargs, own_cache, completed is not None)
 
         def run(embeds, attn):
             kwargs = dict(model_kwargs)
@@ -473,7 +474,7 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         pad = generate_pad_id(config)
         return torch.cat([F.pad(chunk, (0, length - chunk.shape[1]), value=pad) for chunk in chunks])
 
-    def _shared_prefill_cache_name(self, config, expand, model_kwargs, own_cache):
+    def _shared_prefill_cache_name(self, config, expand, model_kwargs, own_cache, completed):
         """The LM's cache argument when each row's [prefix | prompt] can be run once and its cache shared by the
         row's beams (or returned sequences); None when decoding does not expand rows or the caller's options rule
         it out. Where it is expected but the LM or transformers cannot do it, warn once (the slow path)."""
@@ -484,8 +485,7 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         base = self.language_model.base_model
         name = cache_argument(base)
         missing = [what for what, ok in (
-            ("the LM's completed generation config (GenerationMixin._prepare_generation_config)",
-             completed_generation_config(self.language_model, config) is not None),
+            ("the LM's completed generation config (GenerationMixin._prepare_generation_config)", completed),
             (f"a cache argument ({' or '.join(CACHE_ARGUMENTS)}) of {type(base).__name__}.forward", name is not None),
             (f"position_ids in {type(base).__name__}.forward", accepts_argument(base, "position_ids")),
         ) if not ok]
