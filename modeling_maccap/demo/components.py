@@ -1,0 +1,177 @@
+"""The demo's components, trained here because nothing can be downloaded: a tiny CLIP, a tiny GPT-2, and MacCap's
+projector, text only through `training.train` (what `maccap train` runs) or on image features (the upper bound)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import world
+
+
+# ------------------------------------------------------------------------------------------------ components
+def _contrastive_loss(image_embeds, text_embeds, logit_scale):
+    """CLIP's symmetric cross-entropy over a batch of normalised (image, text) pairs."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = logit_scale * image_embeds @ text_embeds.T
+    labels = torch.arange(len(logits))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def clip_folder(settings, scenes, images, folder, log):
+    """Train the tiny CLIP contrastively on one random caption per scene and step; save it as a CLIP folder.
+
+    Besides CLIP's loss on its CLS output, a second contrastive term (weight `settings.clip_patch_alignment`) on
+    the mean of its projected patch tokens puts those tokens in the joint space too. A CLIP trained at scale has
+    that property (the paper's finding 1: subregion features match captions); one trained for two minutes on
+    its CLS alone does not, and its subregion features then sit far from every caption."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import CLIPConfig, CLIPModel, get_cosine_schedule_with_warmup
+
+    from ..tools.tiny import tiny_clip_tokenizer, tiny_image_processor
+
+    tokenizer = tiny_clip_tokenizer(world.vocabulary(), context_length=32)
+    image_processor = tiny_image_processor("pil", side=settings.image_size)
+    tower = dict(hidden_size=settings.clip_width, intermediate_size=2 * settings.clip_width,
+                 num_hidden_layers=settings.clip_layers, num_attention_heads=4)
+    config = CLIPConfig(
+        text_config=dict(tower, vocab_size=len(tokenizer), max_position_embeddings=32, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1),
+        vision_config=dict(tower, image_size=settings.image_size, patch_size=settings.patch_size),
+        projection_dim=settings.projection_dim)
+    torch.manual_seed(settings.seed)
+    model = CLIPModel(config)
+    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.clip_learning_rate, weight_decay=0.1)
+    schedule = get_cosine_schedule_with_warmup(optimizer, settings.clip_steps // 20, settings.clip_steps)
+    rng = np.random.default_rng([settings.seed, 10])
+    for step in range(settings.clip_steps):
+        rows = rng.choice(len(scenes), settings.batch_size, replace=False)
+        captions = [scenes[i][1][rng.integers(len(scenes[i][1]))] for i in rows]
+        text = tokenizer(captions, padding=True, return_tensors="pt")
+        text_embeds = F.normalize(model.get_text_features(**text).pooler_output, dim=-1)
+        hidden = model.vision_model(pixel_values=pixel_values[torch.as_tensor(rows)]).last_hidden_state
+        tokens = F.normalize(model.visual_projection(model.vision_model.post_layernorm(hidden)), dim=-1)
+        scale = model.logit_scale.exp()
+        loss = _contrastive_loss(tokens[:, 0], text_embeds, scale)  # what CLIPModel's return_loss computes
+        if settings.clip_patch_alignment:
+            patches = F.normalize(tokens[:, 1:].mean(1), dim=-1)
+            loss = loss + settings.clip_patch_alignment * _contrastive_loss(patches, text_embeds, scale)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if (step + 1) % max(settings.clip_steps // 4, 1) == 0:
+            log(f"  CLIP step {step + 1}/{settings.clip_steps}: contrastive loss {loss.item():.3f}")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    return str(folder)
+
+
+def lm_folder(settings, scenes, folder, log):
+    """Pretrain a tiny GPT-2 on the text part's captions and save it as a causal-LM folder. A training document is
+    a few captions of one scene, each as MacCap feeds it ([BOS, caption] ... EOS): like GPT-2 on web text, the LM
+    learns from context as well as from the sentence itself, which is what lets a prefix steer it."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, get_cosine_schedule_with_warmup
+
+    from ..tools.tiny import tiny_lm_tokenizer
+
+    tokenizer = tiny_lm_tokenizer(world.vocabulary())
+    bos = eos = tokenizer.eos_token_id  # GPT-2's <|endoftext|> is both
+    torch.manual_seed(settings.seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=settings.lm_width,
+                                       n_layer=settings.lm_layers, n_head=4, bos_token_id=bos, eos_token_id=eos))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lm_learning_rate, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, settings.lm_steps // 20, settings.lm_steps)
+    rng = np.random.default_rng([settings.seed, 11])
+    token_ids = [tokenizer(list(captions))["input_ids"] for _, captions in scenes]
+    for step in range(settings.lm_steps):
+        documents = []
+        for i in rng.choice(len(scenes), settings.batch_size):
+            order = rng.permutation(len(token_ids[i]))
+            documents.append([t for c in order for t in [bos] + token_ids[i][c]] + [eos])
+        length = max(map(len, documents))
+        input_ids = torch.tensor([d + [eos] * (length - len(d)) for d in documents])
+        attention_mask = torch.tensor([[1] * len(d) + [0] * (length - len(d)) for d in documents])
+        loss = model(input_ids=input_ids, attention_mask=attention_mask,
+                     labels=input_ids.masked_fill(attention_mask == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if (step + 1) % max(settings.lm_steps // 2, 1) == 0:
+            log(f"  LM step {step + 1}/{settings.lm_steps}: loss {loss.item():.3f}")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+# ---------------------------------------------------------------------------------------------- projectors
+def hub_config(settings, folder, captions_file, clip_path, lm_path, train_noise_variance):
+    """A hub config for `maccap train` on the demo's components: the paper's method at the demo's sizes."""
+    config = {
+        "hub": {"repo_id": "maccap/maccap-demo-synthetic-world", "model_name": "MacCap on the demo's synthetic world",
+                "license": "apache-2.0"},
+        "architecture": {
+            "components": {"clip": clip_path, "lm": lm_path},
+            # The paper's method (MacCapConfig's defaults) with a projector sized for the tiny CLIP and LM.
+            "maccap": {"num_queries": settings.num_queries, "aligner_heads": 4, "aligner_ffn_dim": 4 * settings.lm_width,
+                       "train_noise_variance": train_noise_variance},
+        },
+        "corpus": {"file": captions_file.name, "column": "caption"},
+        "training": {
+            "max_caption_length": 25,
+            "finetune_lm": False,
+            "arguments": {
+                "learning_rate": settings.projector_learning_rate, "weight_decay": 0.01,
+                "warmup_steps": settings.projector_steps // 20, "lr_scheduler_type": "cosine_warmup_with_min_lr",
+                "lr_scheduler_kwargs": {"min_lr_rate": 0.1, "warmup_lr_rate": 0.01}, "max_grad_norm": 1.0,
+                "per_device_train_batch_size": settings.batch_size, "max_steps": settings.projector_steps,
+                "save_strategy": "no", "logging_steps": max(settings.projector_steps // 2, 1),
+                "disable_tqdm": True, "seed": settings.seed, "report_to": "none", "dataloader_pin_memory": False,
+            },
+        },
+    }
+    path = Path(folder) / f"hub_config_noise_{train_noise_variance}.json"
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return path
+
+
+def train_on_image_features(hub_config_path, images, captions, output_dir):
+    """The upper bound: the projector trained as in `training.train`, with each caption's CLIP text embedding
+    replaced by the CLIP image embedding of its own scene."""
+    import datasets
+    import torch
+    import torch.nn.functional as F
+    from transformers import TrainingArguments, set_seed
+
+    from ..tools.hub_config import load_hub_config
+    from ..modeling_maccap import MacCapForConditionalGeneration
+    from ..tools.training import FEATURE_COLUMN, CaptionCollator, MacCapTrainer
+
+    config = load_hub_config(hub_config_path)
+    args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, label_names=["labels"],
+                             **config.training_arguments)
+    set_seed(args.seed)
+    model = MacCapForConditionalGeneration.from_pretrained_components(clip=config.clip, lm=config.lm, **config.maccap)
+    processor = model.processor
+    processor.max_caption_length = config.max_caption_length
+    with torch.no_grad():
+        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        image_embeds = F.normalize(model.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+    per_scene = len(captions) // len(images)
+    dataset = datasets.Dataset.from_dict({
+        "caption": captions, FEATURE_COLUMN: image_embeds.repeat_interleave(per_scene, 0).numpy()})
+    trainer = MacCapTrainer(model=model, args=args, train_dataset=dataset.with_format(
+        "torch", columns=[FEATURE_COLUMN], output_all_columns=True), data_collator=CaptionCollator(processor),
+        processing_class=processor)
+    trainer.train()
+    trainer.save_model(str(output_dir))
+    return output_dir
