@@ -10,6 +10,17 @@ from . import world
 
 
 # ------------------------------------------------------------------------------------------------ components
+def _update(model, optimizer, schedule, loss):
+    """One optimizer step of a component's pretraining: backward, gradient norm clipped to 1, schedule step."""
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad()
+
+
 def _contrastive_loss(image_embeds, text_embeds, logit_scale):
     """CLIP's symmetric cross-entropy over a batch of normalised (image, text) pairs."""
     import torch
@@ -60,11 +71,7 @@ def clip_folder(settings, scenes, images, folder, log):
         if settings.clip_patch_alignment:
             patches = F.normalize(tokens[:, 1:].mean(1), dim=-1)
             loss = loss + settings.clip_patch_alignment * _contrastive_loss(patches, text_embeds, scale)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
+        _update(model, optimizer, schedule, loss)
         if (step + 1) % max(settings.clip_steps // 4, 1) == 0:
             log(f"  CLIP step {step + 1}/{settings.clip_steps}: contrastive loss {loss.item():.3f}")
     model.save_pretrained(folder)
@@ -75,8 +82,9 @@ def clip_folder(settings, scenes, images, folder, log):
 
 def lm_folder(settings, scenes, folder, log):
     """Pretrain a tiny GPT-2 on the text part's captions and save it as a causal-LM folder. A training document is
-    a few captions of one scene, each as MacCap feeds it ([BOS, caption] ... EOS): like GPT-2 on web text, the LM
-    learns from context as well as from the sentence itself, which is what lets a prefix steer it."""
+    all the captions of one scene in a random order, each as MacCap feeds it ([BOS, caption] ... EOS): like GPT-2
+    on web text, the LM learns from context as well as from the sentence itself, which is what lets a prefix
+    steer it."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, get_cosine_schedule_with_warmup
 
@@ -101,11 +109,7 @@ def lm_folder(settings, scenes, folder, log):
         attention_mask = torch.tensor([[1] * len(d) + [0] * (length - len(d)) for d in documents])
         loss = model(input_ids=input_ids, attention_mask=attention_mask,
                      labels=input_ids.masked_fill(attention_mask == 0, -100)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
+        _update(model, optimizer, schedule, loss)
         if (step + 1) % max(settings.lm_steps // 2, 1) == 0:
             log(f"  LM step {step + 1}/{settings.lm_steps}: loss {loss.item():.3f}")
     model.save_pretrained(folder)
