@@ -9,7 +9,11 @@ with torch's FlopCounterMode); with the measured matmul rate they give the floor
 timed test.
 
     python benchmarks/generate_throughput.py [--batch-sizes 1 8 32] [--candidates 1 4] [--repeats N] [--threads T]
-        [--device cpu|cuda] [--dtype float32|bfloat16] [--out FILE] [--markdown BENCHMARKS.md]
+        [--device cpu|cuda] [--dtype float32|bfloat16] [--no-baseline] [--out FILE] [--markdown BENCHMARKS.md]
+
+Beside each configuration, unless --no-baseline, a fresh process times the reference code's algorithm on the same
+weights and inputs (benchmarks/reference_baseline.py: the same candidates, done the reference's way), and the report
+gives the two side by side with their ratio.
 
 Writes the figures and the command to `--out` (JSON) and to this benchmark's section of BENCHMARKS.md.
 """
@@ -46,6 +50,7 @@ from modeling_maccap.modeling_maccap import CPU_DECODE_ROWS, MacCapForConditiona
 from modeling_maccap.transformers_compat import CACHE_ARGUMENTS  # noqa: E402
 
 from components import LM_TOKENIZER_NOTE, build_components, publish, run_facts, synthetic_captions  # noqa: E402
+from reference_baseline import reference_generate  # noqa: E402
 
 PARTS = ("vision", "projector", "decoding", "reranking")
 FORCED_NOTE = ("EOS suppressed until the 16th new token (min_new_tokens = max_new_tokens): every beam decodes the "
@@ -262,7 +267,8 @@ def generate_kwargs(model, candidates, vocabulary):
 
 
 def child_run(spec):
-    """One configuration, timed: warm-up, then `repeats` calls; peak RSS of this process."""
+    """One configuration, timed: warm-up, then `repeats` calls; peak RSS of this process. `spec["impl"]`: "package"
+    (`model.generate`) or "reference" (the reference code's algorithm, benchmarks/reference_baseline.py)."""
     device = spec["device"]
     model = load_model(spec)
     inputs = random_inputs(model, spec["batch"])
@@ -281,7 +287,12 @@ def child_run(spec):
             vocabulary.seconds = 0.0
             sync(device)
             start = time.perf_counter()
-            out = model.generate(**inputs, **kwargs)
+            if spec["impl"] == "reference":
+                out = reference_generate(model, inputs["pixel_values"], spec["candidates"],
+                                         min_new_tokens=kwargs["min_new_tokens"],
+                                         logits_processor=kwargs["logits_processor"])[0]
+            else:
+                out = model.generate(**inputs, **kwargs)
             sync(device)
             total = time.perf_counter() - start
             new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
@@ -416,6 +427,18 @@ def report(r):
             f"{c['gflop_per_image']:.1f} | {c['floor_s']:.2f} | **{c['ratio_to_floor']:.2f}x** | "
             f"{pct['vision']:.1f}% | {pct['projector']:.1f}% | {pct['decoding']:.1f}% ({pct['lm_forward']:.1f}%) | "
             f"{pct['reranking']:.1f}% | {pct['other']:.1f}% |")
+    if f.get("baseline"):
+        lines += ["", "Side by side with the reference code's algorithm (`benchmarks/reference_baseline.py`: a vision "
+                  "pass per candidate, each candidate its own LM `generate` in which every beam runs the whole "
+                  "[prefix | BOS], CLIP texts padded to 77 tokens and scored one image at a time; the same weights, "
+                  "inputs and candidates), each row a fresh process, the two alternating:", "",
+                  "| batch | candidates | reference s / call | reference images/s | package images/s "
+                  "| package / reference | peak RSS reference / package (MB) |",
+                  "|---|---|---|---|---|---|---|"]
+        for b in f["baseline"]:
+            lines.append(f"| {b['batch']} | {b['candidates']} | {b['reference_median_s']:.2f} | "
+                         f"{b['reference_images_per_s']:.2f} | {b['package_images_per_s']:.2f} | "
+                         f"**{b['speedup']:.2f}x** | {b['reference_peak_rss_mb']:.0f} / {b['package_peak_rss_mb']:.0f} |")
     lines += ["", "FLOPs per image (analytic; FlopCounterMode on one image in brackets):", "",
               "| candidates | vision | projector | decoding | reranking | total | decoding, least "
               "| decoding before 1f7675e |",
@@ -508,6 +531,38 @@ def targets(configs, flop_counts):
     return notes, verdicts
 
 
+def side_by_side(run, package):
+    """One configuration's reference-algorithm timing beside the package's."""
+    median = statistics.median(c["total_s"] for c in run["calls"])
+    return {"batch": package["batch"], "candidates": package["candidates"], "reference_median_s": median,
+            "reference_images_per_s": package["batch"] / median,
+            "reference_times_s": [round(c["total_s"], 3) for c in run["calls"]],
+            "reference_peak_rss_mb": run["peak_rss_mb"], "package_images_per_s": package["images_per_s"],
+            "package_peak_rss_mb": package["peak_rss_mb"], "speedup": median / package["median_s"]}
+
+
+# The speed the package owes the reference's algorithm at batch 32 on CPU: images/s ratio by number of candidates.
+BASELINE_TARGETS = {1: 2.0, 4: 4.0}
+
+
+def baseline_targets(baseline, verdicts):
+    """The targets against the reference's algorithm (batch 32): speed by candidates, and peak RSS no higher."""
+    notes = []
+    for b in baseline:
+        if b["batch"] != 32 or b["candidates"] not in BASELINE_TARGETS:
+            continue
+        want = BASELINE_TARGETS[b["candidates"]]
+        fast, lean = b["speedup"] >= want, b["package_peak_rss_mb"] <= b["reference_peak_rss_mb"]
+        verdicts[f"baseline_speedup_batch32_candidates{b['candidates']}"] = fast
+        verdicts[f"baseline_peak_rss_batch32_candidates{b['candidates']}"] = lean
+        notes.append(f"Target: batch 32, {b['candidates']} candidate(s) at least {want:g}x the reference's "
+                     f"images/s: {b['speedup']:.2f}x, **{'met' if fast else 'not met'}**"
+                     + ("" if fast else f" (short by {want / b['speedup']:.2f}x)")
+                     + f"; peak RSS {b['package_peak_rss_mb']:.0f} MB against {b['reference_peak_rss_mb']:.0f} MB, "
+                     f"**{'met' if lean else 'not met'}**.")
+    return notes
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
@@ -519,6 +574,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="time the package alone, not also the reference's algorithm (reference_baseline.py)")
     parser.add_argument("--matmul-size", type=int, default=None, help="square matmul for the rate (2048; cuda 8192)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generate_throughput.json")
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="'' to leave it alone")
@@ -567,21 +624,25 @@ def main():
     for rows in sorted({step_rows(b, n, settings) for b in args.batch_sizes for n in candidates}):
         step_rates[rows] = {"mlp": matmul_gflops(rows, hidden, settings["lm_ffn"], args.device, dtype),
                             "lm_head": matmul_gflops(rows, hidden, settings["vocab_size"], args.device, dtype)}
-    runs = []
+    runs, baseline_runs = [], []
     for batch in args.batch_sizes:
         for n in candidates:
             repeats = args.repeats or (2 if batch >= 32 else 3)
-            run = spawn({**base, "kind": "run", "batch": batch, "candidates": n, "repeats": repeats,
-                         "warmup": args.warmup})
-            runs.append((batch, n, run))
-            times = [c["total_s"] for c in run["calls"]]
-            print(f"batch {batch:>3}, {n} candidate(s): {statistics.median(times):.2f} s / call "
-                  f"({', '.join(f'{t:.2f}' for t in times)}), peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
+            for impl in ("package",) + (() if args.no_baseline else ("reference",)):  # alternating, same machine
+                run = spawn({**base, "kind": "run", "impl": impl, "batch": batch, "candidates": n,
+                             "repeats": repeats, "warmup": args.warmup})
+                (runs if impl == "package" else baseline_runs).append((batch, n, run))
+                times = [c["total_s"] for c in run["calls"]]
+                print(f"{impl:>9}: batch {batch:>3}, {n} candidate(s): {statistics.median(times):.2f} s / call "
+                      f"({', '.join(f'{t:.2f}' for t in times)}), peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
     rate_after = matmul_gflops(matmul_size, matmul_size, matmul_size, args.device, dtype)
 
     rate = max(rate_before, rate_after)
     configs = [summarise(run, batch, n, run.pop("flops"), rate) for batch, n, run in runs]
     notes, verdicts = targets(configs, flop_counts)
+    by_config = {(c["batch"], c["candidates"]): c for c in configs}
+    baseline = [side_by_side(run, by_config[batch, n]) for batch, n, run in baseline_runs]
+    notes += baseline_targets(baseline, verdicts)
     settings.update(warmup=args.warmup, matmul_size=matmul_size)
     notes += flop_notes(flop_counts, settings)
     mask = max(c["word_mask_s"] / c["split_s"]["decoding"] for c in configs)
@@ -599,6 +660,7 @@ def main():
               "figures": {"matmul_gflops": rate, "matmul_gflops_before": rate_before,
                           "matmul_gflops_after": rate_after,
                           "matmul_gflops_decoding_step": step_rates, "flop_counts": flop_counts, "configs": configs,
+                          "baseline": baseline,
                           "targets": verdicts, "notes": notes}}
     publish(result, report(result), args.out, args.markdown)
 
