@@ -140,6 +140,14 @@ def test_caption_to_image_recall_is_the_demo_clips_own_ranking(written):
             text = clip.get_text_features(**tokenizer(captions, padding=True, return_tensors="pt")).pooler_output
             hits = ((text @ image.T).argmax(1) == torch.arange(len(captions))).float().mean().item()
             assert results["rows"][row]["caption_to_image_R@1"]["value"] == pytest.approx(hits), row
+        # The position probe: among the salient object's four "in the <position>" captions, the one CLIP ranks first.
+        right = 0
+        for i, pixels in enumerate(image):
+            salient = world.sample_scene(TINY.seed, "test", i).salient
+            captions = [f"a {salient.colour} {salient.shape} in the {p}" for p in world.POSITIONS]
+            text = clip.get_text_features(**tokenizer(captions, padding=True, return_tensors="pt")).pooler_output
+            right += list(world.POSITIONS)[int((text @ pixels).argmax())] == salient.position
+    assert results["diagnostics"]["clip_names_salient_position"] == right / TINY.test_scenes
 
 
 def test_the_floor_is_the_lms_own_caption_and_the_control_moves_every_caption_to_another_image(written):
@@ -163,6 +171,21 @@ def test_the_floor_is_the_lms_own_caption_and_the_control_moves_every_caption_to
         colours = {colour: logits[tokenizer(" " + colour)["input_ids"][0]] for colour in world.COLOURS}
         right += max(colours, key=colours.get) == scene.salient.colour
     assert results["diagnostics"]["lm_copies_salient_colour"] == right / TINY.test_scenes
+    # And after "a <colour> <shape> in the <position>", BOS and "a <colour> <shape> in the": the likeliest position,
+    # by the whole sequence's log-likelihood (its context is the same for every position).
+    right = 0
+    for i in range(TINY.test_scenes):
+        salient = world.sample_scene(TINY.seed, "test", i).salient
+        phrase = f"a {salient.colour} {salient.shape} in the"
+
+        def loglik(position):
+            ids = torch.tensor([tokenizer(f"<|endoftext|>{phrase} {salient.position}<|endoftext|>{phrase} {position}")
+                                ["input_ids"]])
+            with torch.no_grad():
+                return -lm(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+
+        right += max(world.POSITIONS, key=loglik) == salient.position
+    assert results["diagnostics"]["lm_copies_salient_position"] == right / TINY.test_scenes
     full, shuffled = predictions["full method"], predictions["control: shuffled images"]
     order = results["control_order"]  # every image gets another image's caption: a derangement, fixed by the seed
     assert sorted(order) == list(range(TINY.test_scenes)) and all(j != i for i, j in enumerate(order))
@@ -231,6 +254,7 @@ def _results(effects, distinct=300, n=500):
                        "noise injection closes of the modality gap": est(0.4)},
         "diagnostics": {"loss_lm_alone": 0.9, "loss_oracle_prefix": 0.4, "loss_image_prefix": 0.6,
                         "lm_copies_salient_colour": 0.95, "chance_colour": 1 / 6,
+                        "lm_copies_salient_position": 0.3, "clip_names_salient_position": 0.6, "chance_position": 0.25,
                         "loss_image_prefix_upper_bound": 0.5, "train_noise_variance": 0.016,
                         "cos_image_paired_captions": 0.3, "cos_caption_noisy_copy": 0.7,
                         "gap_centroid_distance": 0.8, "gap_centroid_distance_noisy": 0.6,
@@ -241,13 +265,15 @@ def _results(effects, distinct=300, n=500):
 def test_each_finding_says_whether_its_component_helps_by_its_interval_and_quotes_the_measurement_behind_it():
     helps = report.findings(_results({}))
     assert "0.900 nats" in helps[0] and "0.400" in helps[0] and "0.500 lower" in helps[0]
-    assert "95% of the time (chance 17%)" in helps[0]
+    assert "95% of the time (chance 17%)" in helps[0] and "30% of the time (chance 25%)" in helps[0]
     assert helps[1].startswith("Captions are image-specific: the full method writes 300 distinct captions")
     assert "0.600 [0.580, 0.620]" not in helps[2] and "0.60 [0.58, 0.62]" in helps[2]
     assert [f.split(":")[0] for f in helps[3:6]] == ["Noise injection helps", "Subregion aggregation helps",
                                                      "Reranking helps"]
     mixed = report.findings(_results({"noise injection": -0.1, "subregion aggregation": 0.01}, distinct=50))
     assert mixed[1].startswith("Captions are not clearly image-specific here: 50 distinct captions")
+    assert mixed[1].endswith("this CLIP tells from the image 60% of the time and the LM carries from its context 30% "
+                             "of the time (chance 25% each).")
     assert mixed[3].startswith("Noise injection hurts here: CIDEr -0.100 [-0.120, -0.080]")
     assert mixed[4].startswith("Subregion aggregation makes no difference this run can tell from chance")
     # The reasons quote the measured diagnostics: finding 1 of the paper, and CLIP's own retrieval.

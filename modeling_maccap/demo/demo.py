@@ -136,21 +136,46 @@ def _caption_to_image_hits(model, captions, image_embeds):
     return ((text @ image_embeds.T).argmax(1) == torch.arange(len(captions))).float().numpy()
 
 
-def _lm_copies_salient_colour(model, test):
-    """The frozen LM's in-context use, which is what lets a prefix steer it: given a scene's first reference
-    caption as context, then BOS and "a large", how often its most likely colour is the salient object's."""
+def _lm_copies_salient(model, test):
+    """The frozen LM's in-context use, which is what lets a prefix steer it, as two rates over the held-out scenes.
+    Colour: given the scene's first reference caption as context, then BOS and "a large", how often the LM's
+    likeliest colour is the salient object's. Position: given "a <colour> <shape> in the <position>" of the salient
+    object, then BOS and "a <colour> <shape> in the", how often its likeliest of the four positions (by the summed
+    log-probability of the position's words) is that position."""
     import torch
 
-    tokenizer, bos = model.processor.tokenizer, model.language_model.config.bos_token_id
-    colours = list(world.COLOURS)
+    tokenizer, lm = model.processor.tokenizer, model.language_model
+    bos = lm.config.bos_token_id
+    colours, positions = list(world.COLOURS), list(world.POSITIONS)
     colour_ids = [tokenizer(" " + colour)["input_ids"][0] for colour in colours]
-    right = 0
+    position_ids = [tokenizer(" " + position)["input_ids"] for position in positions]
+    colour_right = position_right = 0
     with torch.no_grad():
         for scene, captions in test:
+            s = scene.salient
             context = [bos] + tokenizer(captions[0])["input_ids"] + [bos] + tokenizer("a large")["input_ids"]
-            logits = model.language_model(input_ids=torch.tensor([context])).logits[0, -1]
-            right += colours[int(logits[colour_ids].argmax())] == scene.salient.colour
-    return right / len(test)
+            logits = lm(input_ids=torch.tensor([context])).logits[0, -1]
+            colour_right += colours[int(logits[colour_ids].argmax())] == s.colour
+            context = ([bos] + tokenizer(f"{s.phrase(False)} in the {s.position}")["input_ids"] + [bos]
+                       + tokenizer(f"{s.phrase(False)} in the")["input_ids"])
+            rows = torch.tensor([context + ids for ids in position_ids])  # every position is two words
+            logprobs = lm(input_ids=rows).logits.log_softmax(-1)[:, len(context) - 1:-1]
+            scores = logprobs.gather(-1, rows[:, len(context):, None]).sum((1, 2))
+            position_right += positions[int(scores.argmax())] == s.position
+    return colour_right / len(test), position_right / len(test)
+
+
+def _clip_names_salient_position(model, test, image_embeds):
+    """How often the demo's CLIP, among "a <colour> <shape> in the <position>" for the four positions, ranks the
+    salient object's own position closest to the image: whether an image embedding carries where things are."""
+    import torch
+
+    positions = list(world.POSITIONS)
+    captions = [f"{scene.salient.phrase(False)} in the {p}" for scene, _ in test for p in positions]
+    with torch.no_grad():
+        text = model.embed_texts(captions).view(len(test), len(positions), -1)
+    picked = (text @ image_embeds.unsqueeze(-1)).squeeze(-1).argmax(1)
+    return sum(positions[int(i)] == scene.salient.position for i, (scene, _) in zip(picked, test)) / len(test)
 
 
 def _diagnostics(models, test, pixel_values, sub):
@@ -183,11 +208,15 @@ def _diagnostics(models, test, pixel_values, sub):
             "loss_image_prefix_upper_bound": models["image"](**lm_inputs, pixel_values=images).loss.item(),
         }
     image_embeds = sub.image_embeds.numpy()
+    copies_colour, copies_position = _lm_copies_salient(model, test)
     diagnostics = {
         "train_noise_variance": model.config.train_noise_variance,
         **losses,
-        "lm_copies_salient_colour": _lm_copies_salient_colour(model, test),
+        "lm_copies_salient_colour": copies_colour,
         "chance_colour": 1 / len(world.COLOURS),
+        "lm_copies_salient_position": copies_position,
+        "clip_names_salient_position": _clip_names_salient_position(model, test, sub.image_embeds),
+        "chance_position": 1 / len(world.POSITIONS),
         "clip_image_to_caption_R@1": recall,
         "cos_image_paired_captions": (sub.image_embeds.unsqueeze(1) * text).sum(-1).mean().item(),
         "cos_captions_of_one_image": torch.einsum("bcd,bed->bce", text, text).mean().item(),

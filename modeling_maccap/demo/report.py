@@ -70,8 +70,10 @@ def findings(results):
         f"embedding (the oracle, {steer:.3f} lower), {d['loss_image_prefix']:.3f} with the prefix made from the image "
         f"(text-only projector) and {d['loss_image_prefix_upper_bound']:.3f} with the upper bound's projector. "
         f"Given one caption of a scene as context, it names the scene's salient colour in the next caption "
-        f"{d['lm_copies_salient_colour']:.0%} of the time (chance {d['chance_colour']:.0%}): in-context use is what a "
-        "prefix relies on."
+        f"{d['lm_copies_salient_colour']:.0%} of the time (chance {d['chance_colour']:.0%}), and given the salient "
+        f"object's position in one caption, that position in the next {d['lm_copies_salient_position']:.0%} of the "
+        f"time (chance {d['chance_position']:.0%}): in-context use is what a prefix relies on, and what the LM does "
+        "not carry from its context a prefix cannot make it write."
         + ("" if steer > 0.05 else " The oracle is hardly below the LM alone: this world cannot show much."))
     distinct = full["distinct_captions"]
     out.append(
@@ -83,7 +85,10 @@ def findings(results):
         if distinct >= 0.4 * n and excludes_zero(effects["image-specific captions"]) else
         f"Captions are not clearly image-specific here: {distinct} distinct captions for {n} images, caption->image "
         f"R@1 {_ci(full['caption_to_image_R@1'])} against chance {1 / n:.3f}, and CIDEr "
-        f"{_ci(effects['image-specific captions'])} above the shuffled control.")
+        f"{_ci(effects['image-specific captions'])} above the shuffled control. Where the salient object is, "
+        f"this CLIP tells from the image {d['clip_names_salient_position']:.0%} of the time and the LM carries "
+        f"from its context {d['lm_copies_salient_position']:.0%} of the time (chance {d['chance_position']:.0%} "
+        "each).")
     gap, closed = effects["modality gap left"], results["gap_closed"]
     out.append(
         f"Ceiling and floor: the upper bound (the projector trained on image features, which a text-only method "
