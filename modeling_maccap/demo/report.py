@@ -73,7 +73,7 @@ def findings(results):
         f"{d['lm_copies_salient_colour']:.0%} of the time (chance {d['chance_colour']:.0%}), and given the salient "
         f"object's position in one caption, that position in the next {d['lm_copies_salient_position']:.0%} of the "
         f"time (chance {d['chance_position']:.0%}): in-context use is what a prefix relies on, and what the LM does "
-        "not carry from its context a prefix cannot make it write."
+        "not carry from its context a prefix is unlikely to make it write."
         + ("" if steer > 0.05 else " The oracle is hardly below the LM alone: this world cannot show much."))
     distinct = full["distinct_captions"]
     out.append(
