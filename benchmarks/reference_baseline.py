@@ -18,7 +18,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from modeling_maccap.modeling_maccap import image_seed, noise_injection, sample_noise
+from modeling_maccap.transformers_compat import generate_pad_id
 
 REFERENCE_TEXT_LENGTH = 77  # the reference tokenises with clip.tokenize, which pads every text to 77
 
@@ -30,19 +30,18 @@ def reference_generate(model, pixel_values, num_candidates=4, noise_seed=0, text
     candidate_scores (batch, N) or None with one candidate, which is plain beam search without reranking)."""
     lm, processor = model.language_model, model.processor
     embed = model.get_input_embeddings()
-    generators = [torch.Generator().manual_seed(image_seed(p, noise_seed)) for p in pixel_values.float().cpu()]
+    generators = model._image_generators(pixel_values, noise_seed)  # generate()'s: one per image, from its pixels
     bos = torch.full((pixel_values.shape[0], 1), model.generation_config.bos_token_id, device=embed.weight.device)
+    gen_config = copy.deepcopy(model.generation_config)
+    kwargs = gen_config.update(**generate_kwargs)
     new_tokens = []
     for _ in range(num_candidates):
         features = model.get_subregion_features(pixel_values).subregion_features  # this candidate's vision pass
-        noise = sample_noise(features.shape, model.config.inference_noise_variance, generators, features.device)
-        prefix = model.projector(noise_injection(features, noise).to(model.projector.queries.weight.dtype))
+        prefix = model._prefix_from_features(features, model.config.inference_noise_variance, generators)
         inputs_embeds = torch.cat([prefix.to(embed.weight.dtype), embed(bos)], dim=1)
-        gen_config = copy.deepcopy(model.generation_config)
-        kwargs = gen_config.update(**generate_kwargs)
         new_tokens.append(lm.generate(inputs_embeds=inputs_embeds, attention_mask=torch.ones(inputs_embeds.shape[:2],
                                       dtype=torch.long, device=bos.device), generation_config=gen_config, **kwargs))
-    pad = model.generation_config.pad_token_id
+    pad = generate_pad_id(gen_config)  # what generate() pads its shorter decoding calls with
     length = max(t.shape[1] for t in new_tokens)
     candidates = torch.stack([torch.cat([bos, F.pad(t, (0, length - t.shape[1]), value=pad)], 1) for t in new_tokens],
                              dim=1)
