@@ -6,7 +6,8 @@ version offers, never off a version number, and each assumption has its own test
 `generate`. Imported first by every remote-code file, so an older transformers stops at the version check
 (the one check that is keyed off the version number).
 
-What lives here: the KV-cache argument of a model's forward (`cache` since 5.24, `past_key_values` before);
+What lives here: the KV-cache argument of a model's forward (`cache` since 5.24, `past_key_values` before); a
+model's attention implementation (`config._attn_implementation`, `_can_set_attn_implementation`);
 `GenerationMixin._prepare_generation_config` (private: the generation config as `generate` completes it); the id
 `generate` pads finished rows with; CLIP's module layout (`encoder.layers[-1].layer_norm1`, `self_attn.q_proj /
 k_proj / num_heads / head_dim / scale`); the `Pipeline` class flags and `_prepare_generate_kwargs` (private);
@@ -15,6 +16,7 @@ module paths); the `XPil` naming of PIL image processors. Replaced by public API
 (now `AutoModel.from_config`), `config._name_or_path` (now `name_or_path`).
 """
 
+import contextlib
 import inspect
 import re
 
@@ -70,6 +72,24 @@ def completed_generation_config(lm, generation_config):
     if prepare is None:
         return None
     return prepare(generation_config)[0]
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name, replacing):
+    """Run `model` with the attention implementation `name` inside the block where it has `replacing`, and with its
+    own again after, through the public `set_attn_implementation`. What it has is read from
+    `config._attn_implementation`, and whether it can switch from `_can_set_attn_implementation` (both private).
+    Yields whether the block runs with `name`; a model that has another or cannot switch runs as it is."""
+    current = getattr(model.config, "_attn_implementation", None)
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if current != replacing or not hasattr(model, "set_attn_implementation") or not (can_set and can_set()):
+        yield current == name
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield model.config._attn_implementation == name
+    finally:
+        model.set_attn_implementation(current)
 
 
 def generate_pad_id(config):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel, DynamicCache
 
 from modeling_maccap import MacCapForConditionalGeneration
+from modeling_maccap import modeling_maccap as modeling
 from modeling_maccap.modeling_maccap import image_seed, noise_injection, sample_noise
 from modeling_maccap.transformers_compat import CACHE_ARGUMENTS, cache_argument
 
@@ -546,6 +547,28 @@ def test_half_precision_loads_and_captions(model, processor, images, tmp_path, d
     torch.testing.assert_close(half_features, full_features, atol=0.05, rtol=0.05)
     seq = half.generate(**inputs, max_new_tokens=4)
     assert seq.shape[0] == 3 and seq.dtype == torch.long
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_on_cpu_half_precision_decodes_with_eager_attention_and_gives_sdpa_back(make_model, processor, images, dtype):
+    """bfloat16/float16 on CPU: every LM forward of generate (prefill and beam search) runs eager attention, and the
+    captions are those of the LM run eager throughout; float32 keeps SDPA. The LM has SDPA again after the call."""
+    model = make_model().to(dtype)
+    lm = model.language_model
+    assert lm.config._attn_implementation == "sdpa"
+    seen = []
+    hooks = [module.register_forward_pre_hook(lambda *_: seen.append(lm.config._attn_implementation))
+             for module in (lm, lm.base_model)]
+    inputs = processor(images=images)
+    switched = model.generate(**inputs, output_candidates=True)
+    for hook in hooks:
+        hook.remove()
+    want = "sdpa" if dtype == torch.float32 else modeling.CPU_HALF_DECODE_ATTENTION
+    assert seen and set(seen) == {want}
+    assert lm.config._attn_implementation == "sdpa"
+    lm.set_attn_implementation(want)
+    throughout = model.generate(**inputs, output_candidates=True)
+    assert torch.equal(switched.candidates, throughout.candidates)
 
 
 def test_device_map_places_every_part(model, processor, images, tmp_path):

@@ -127,6 +127,30 @@ def test_the_completed_generation_config_has_the_lms_defaults(lm):
     assert config.eos_token_id == lm.generation_config.eos_token_id
 
 
+def test_the_attention_implementation_switches_inside_the_block_and_back_after(lm, monkeypatch):
+    """GPT-2 can switch: inside the block its attention no longer calls torch's SDPA, after the block it does."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        with compat.attention_implementation(lm, "eager", replacing="sdpa") as switched:
+            assert switched and lm.config._attn_implementation == "eager"
+            inside = lm(ids).logits
+        assert not calls and lm.config._attn_implementation == "sdpa"
+        after = lm(ids).logits
+    assert calls
+    torch.testing.assert_close(inside, after, atol=1e-5, rtol=1e-5)
+
+
+def test_an_attention_other_than_the_one_replaced_is_left_alone(lm):
+    lm.set_attn_implementation("eager")
+    with compat.attention_implementation(lm, "sdpa", replacing="flash_attention_2") as switched:
+        assert not switched and lm.config._attn_implementation == "eager"
+    assert lm.config._attn_implementation == "eager"
+
+
 @pytest.mark.parametrize("num_beams,pad_token_id", [(1, None), (1, 5), (3, 5), (3, None), (3, 0)])
 def test_finished_rows_are_padded_with_the_id_generate_uses(lm, num_beams, pad_token_id):
     evens = list(range(0, lm.config.vocab_size, 2))  # every even id ends a row: some rows end early
