@@ -12,11 +12,11 @@ timed test.
         [--device cpu|cuda] [--dtypes float32 bfloat16] [--no-baseline] [--out FILE] [--markdown BENCHMARKS.md]
 
 Each configuration runs in every `--dtypes` (the weights' dtype, `from_pretrained(..., dtype=...)`; float32 is the
-default and the captions of the Python API, the others are opt-in; what they cost in captions is measured on a trained
-model by benchmarks/dtype_agreement.py, since a random LM's nearly flat logits flip at any rounding). Beside each configuration, unless --no-baseline, a fresh process times
-the reference code's algorithm on the same weights and inputs, in float32 as the reference code runs
-(benchmarks/reference_baseline.py: the same candidates, done the reference's way), and the report gives them side by
-side with their ratios.
+default and the captions of the Python API, the others are opt-in; what they cost in captions is measured on a
+trained model by benchmarks/dtype_agreement.py, since a random LM's nearly flat logits flip at any rounding).
+Beside each configuration, unless --no-baseline, a fresh process times the reference code's algorithm on the same
+weights and inputs, in float32 as the reference code runs (benchmarks/reference_baseline.py: the same candidates,
+done the reference's way), and the report gives them side by side with their ratios.
 
 Writes the figures and the command to `--out` (JSON) and to this benchmark's section of BENCHMARKS.md.
 """
@@ -432,7 +432,6 @@ def report(r):
         lines.append(
             f"| {c['batch']} | {c['candidates']} | {c['dtype']} | {m:.2f} | {c['images_per_s']:.2f} | {memory} | "
             f"{c['gflop_per_image']:.1f} | {c['floor_s']:.2f} | **{c['ratio_to_floor']:.2f}x** | "
-
             f"{pct['vision']:.1f}% | {pct['projector']:.1f}% | {pct['decoding']:.1f}% ({pct['lm_forward']:.1f}%) | "
             f"{pct['reranking']:.1f}% | {pct['other']:.1f}% |")
     if f.get("baseline"):
