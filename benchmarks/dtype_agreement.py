@@ -26,11 +26,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from modeling_maccap import MacCapForConditionalGeneration  # noqa: E402
-from modeling_maccap.demo import report, world  # noqa: E402
-from modeling_maccap.demo.demo import DemoSettings  # noqa: E402
+from modeling_maccap.demo import report  # noqa: E402
+from modeling_maccap.demo.demo import DemoSettings, world_part  # noqa: E402
 from modeling_maccap.tools.evaluation import caption_scores, find_java  # noqa: E402
 
 from components import publish, run_facts  # noqa: E402
@@ -45,12 +44,12 @@ def held_out(demo_dir):
         sys.exit(f"dtype_agreement: {demo_dir} holds no finished demo run (results.json and {MODEL}); "
                  f"run `maccap demo --output-dir {demo_dir}` first")
     settings = DemoSettings(**json.loads(results.read_text(encoding="utf-8"))["settings"])
-    test = world.sample_part(settings.seed, "test", settings.test_scenes, settings.captions_per_scene)
-    return settings, test, [Image.fromarray(scene.render(settings.image_size)) for scene, _ in test]
+    return (settings, *world_part(settings, "test"))
 
 
 def caption(folder, dtype, images, seed, batch_size=100):
-    """Kept captions and every candidate's text in `dtype`, and the seconds generate() took."""
+    """Kept captions and every candidate's text in `dtype`, the seconds generate() took, and the model's
+    (num_candidates, num_beams) that generate() used."""
     model = MacCapForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     pixel_values = model.processor(images=images)["pixel_values"]
     kept, candidates, seconds = [], [], 0.0
@@ -62,7 +61,7 @@ def caption(folder, dtype, images, seed, batch_size=100):
             seconds += time.perf_counter() - t
             kept += model.processor.batch_decode(out.sequences)
             candidates += [model.processor.batch_decode(rows) for rows in out.candidates]
-    return kept, candidates, seconds
+    return kept, candidates, seconds, (model.config.num_candidates, model.generation_config.num_beams)
 
 
 def markdown(r):
@@ -117,7 +116,7 @@ def main():
     settings, test, images = held_out(args.demo_dir)
     folder = args.demo_dir / MODEL
     runs = {d: caption(folder, d, images, settings.seed) for d in ("float32", args.dtype)}
-    (kept32, cand32, _), (kept, cand, _) = runs["float32"], runs[args.dtype]
+    (kept32, cand32, _, (num_candidates, num_beams)), (kept, cand, _, _) = runs["float32"], runs[args.dtype]
     boot = dict(samples=args.bootstrap_samples, seed=settings.seed)
     same_kept = np.array([a == b for a, b in zip(kept32, kept)], dtype=float)
     same_candidates = np.array([np.mean([a == b for a, b in zip(x, y)]) for x, y in zip(cand32, cand)])
@@ -125,10 +124,8 @@ def main():
     java = find_java()
     per_image = {d: np.asarray(caption_scores(references, {str(i): c for i, c in enumerate(runs[d][0])}, java)
                                ["CIDEr_per_image"]) for d in runs}
-    model = MacCapForConditionalGeneration.from_pretrained(folder)
     figures = {
-        "images": len(images), "num_candidates": model.config.num_candidates,
-        "num_beams": model.generation_config.num_beams,
+        "images": len(images), "num_candidates": num_candidates, "num_beams": num_beams,
         "same_kept": report.interval(report.mean, same_kept, **boot),
         "same_candidates": report.interval(report.mean, same_candidates, **boot),
         "cider": {d: report.interval(report.mean, per_image[d], **boot) for d in runs},

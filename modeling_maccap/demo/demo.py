@@ -247,6 +247,17 @@ def _estimates(scores, hits, settings):
 
 
 # ------------------------------------------------------------------------------------------------- the run
+# The world's three parts and the DemoSettings field that sizes each.
+PART_SIZES = {"clip": "clip_scenes", "text": "text_scenes", "test": "test_scenes"}
+
+
+def world_part(settings, name):
+    """One part of the demo's world for these settings ("clip", "text" or "test"): its (scene, captions) pairs and
+    the scenes' rendered images, the same on every call."""
+    scenes = world.sample_part(settings.seed, name, getattr(settings, PART_SIZES[name]), settings.captions_per_scene)
+    return scenes, [Image.fromarray(scene.render(settings.image_size)) for scene, _ in scenes]
+
+
 def run_demo(output_dir, settings=DemoSettings(), log=print):
     """Build the world, train CLIP, the LM and three projectors, caption the test part in the settings of ROWS,
     score them, and write results.json, results.md, predictions.json, contact_sheet.html, ablations.png and
@@ -299,12 +310,8 @@ def _run(output_dir, settings, log, java):
         return result
 
     def make_world():
-        parts = {name: world.sample_part(settings.seed, name, count, settings.captions_per_scene)
-                 for name, count in (("clip", settings.clip_scenes), ("text", settings.text_scenes),
-                                     ("test", settings.test_scenes))}
-        images = {name: [Image.fromarray(scene.render(settings.image_size)) for scene, _ in scenes]
-                  for name, scenes in parts.items()}
-        return parts, images
+        parts = {name: world_part(settings, name) for name in PART_SIZES}
+        return {name: scenes for name, (scenes, _) in parts.items()}, {name: ims for name, (_, ims) in parts.items()}
 
     log(f"maccap demo, seed {settings.seed}: {settings.clip_scenes} scenes for CLIP, {settings.text_scenes} for "
         f"captions, {settings.test_scenes} held out")
