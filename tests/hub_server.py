@@ -1,8 +1,9 @@
 """A stand-in for the Hugging Face Hub HTTP API, for tests (standard library only).
 
 Serves on 127.0.0.1 the routes that huggingface_hub 2.4 (create_repo, create_branch, upload_folder with regular
-files, repo_info/repo_exists, whoami, hf_hub_download, snapshot_download) and transformers' from_pretrained use.
-Each repo keeps one immutable snapshot per commit; branches point at commits. Writes need a known bearer token.
+files, repo_info/repo_exists, whoami, hf_hub_download, snapshot_download) and transformers' from_pretrained use,
+for model repos and Spaces (`repo_type="space"`, under /api/spaces/ and /spaces/). Each repo keeps one immutable
+snapshot per commit; branches point at commits. Writes need a known bearer token.
 """
 
 import base64
@@ -13,6 +14,9 @@ import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
+
+
+REPO_TYPES = {"models": "model", "spaces": "space"}  # /api/<plural>/... -> repo_type
 
 
 def _blob_oid(data: bytes) -> str:
@@ -32,11 +36,13 @@ class HubError(Exception):
 class FakeHub:
     def __init__(self, tokens=("hf_test_token",)):
         self.tokens = set(tokens)
-        self.commits: list[dict] = []  # {"repo_id", "revision", "summary", "paths": added} per commit received
+        self.commits: list[dict] = []  # {"repo_id", "repo_type", "revision", "summary", "paths": added} per commit
+        self.created: list[dict] = []  # the JSON body of every repo creation received
         self.requests: list[tuple[str, str]] = []  # (method, raw path without query) of every request
         self.drop_next_commit = False
         self.url = None
-        self._repos = {}  # repo_id -> {"private", "branches": {name: sha}, "snapshots": {sha: {path: bytes}}}
+        # (repo_type, repo_id) -> {"private", "branches": {name: sha}, "snapshots": {sha: {path: bytes}}}
+        self._repos = {}
         self._lock = threading.Lock()
         self._server = self._thread = None
 
@@ -62,20 +68,20 @@ class FakeHub:
     def __exit__(self, *exc):
         self.stop()
 
-    def add_repo(self, repo_id, files=None, private=False):
+    def add_repo(self, repo_id, files=None, private=False, repo_type="model"):
         with self._lock:
-            repo = self._new_repo(repo_id, private)
+            repo = self._new_repo(repo_type, repo_id, private)
             if files:
                 self._new_commit(repo, "main", "Initial files", dict(files))
 
-    def files(self, repo_id, revision="main") -> dict[str, bytes]:
+    def files(self, repo_id, revision="main", repo_type="model") -> dict[str, bytes]:
         with self._lock:
-            return dict(self._resolve(self._repo(repo_id, authed=True), revision)[1])
+            return dict(self._resolve(self._repo(repo_type, repo_id, authed=True), revision)[1])
 
     # ------------------------------------------------------------------ state (callers hold the lock)
-    def _new_repo(self, repo_id, private):
+    def _new_repo(self, repo_type, repo_id, private):
         repo = {"private": bool(private), "branches": {"main": ""}, "snapshots": {}}
-        self._repos[repo_id] = repo
+        self._repos[repo_type, repo_id] = repo
         self._new_commit(repo, "main", "initial commit", {})
         return repo
 
@@ -86,8 +92,8 @@ class FakeHub:
         repo["branches"][branch] = sha
         return sha
 
-    def _repo(self, repo_id, authed):
-        repo = self._repos.get(repo_id)
+    def _repo(self, repo_type, repo_id, authed):
+        repo = self._repos.get((repo_type, repo_id))
         if repo is None or (repo["private"] and not authed):
             raise HubError(404, "Repository not found", "RepoNotFound")
         return repo
@@ -116,11 +122,11 @@ class FakeHub:
             return 200, {"type": "user", "name": "tester", "fullname": "Tester", "orgs": []}, {}
         if method == "POST" and parts == ["api", "validate-yaml"]:
             return 200, {}, {}
-        if len(parts) >= 4 and parts[:2] == ["api", "models"]:
-            repo_id = f"{parts[2]}/{parts[3]}"
+        if len(parts) >= 4 and parts[0] == "api" and parts[1] in REPO_TYPES:
+            repo_type, repo_id = REPO_TYPES[parts[1]], f"{parts[2]}/{parts[3]}"
             action, args = (parts[4], parts[5:]) if len(parts) > 4 else ("revision", ["main"])
             if method == "GET" and action in ("revision", "tree") and args:
-                repo = self._repo(repo_id, authed)
+                repo = self._repo(repo_type, repo_id, authed)
                 sha, files = self._resolve(repo, args[0])
                 if action == "tree":
                     return 200, self._tree(files, "/".join(args[1:]), query.get("recursive") in ("1", "true")), {}
@@ -130,11 +136,13 @@ class FakeHub:
                 return 200, info, {}
             if method == "POST" and action in ("preupload", "commit", "branch") and len(args) == 1:
                 self._check_token(token)
-                repo = self._repo(repo_id, authed)
-                return getattr(self, f"_{action}")(repo_id, repo, args[0], body)
-        if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
-            sha, files = self._resolve(self._repo(f"{parts[0]}/{parts[1]}", authed), parts[3])
-            path = "/".join(parts[4:])
+                repo = self._repo(repo_type, repo_id, authed)
+                return getattr(self, f"_{action}")((repo_type, repo_id), repo, args[0], body)
+        repo_type, at = ("space", 1) if parts[0] == "spaces" else ("model", 0)
+        if method in ("GET", "HEAD") and len(parts) >= at + 5 and parts[at + 2] == "resolve":
+            repo = self._repo(repo_type, f"{parts[at]}/{parts[at + 1]}", authed)
+            sha, files = self._resolve(repo, parts[at + 3])
+            path = "/".join(parts[at + 4:])
             if path not in files:
                 raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": sha})
             headers = {"X-Repo-Commit": sha, "ETag": f'"{_blob_oid(files[path])}"',
@@ -144,20 +152,24 @@ class FakeHub:
 
     def _create_repo(self, payload):
         repo_id = f"{payload.get('organization') or 'tester'}/{payload['name']}"
-        url = f"{self.url}/{repo_id}"
-        if repo_id in self._repos:
-            raise HubError(409, "You already created this model repo", url=url)
-        self._new_repo(repo_id, payload.get("private") or payload.get("visibility") == "private")
+        repo_type = payload.get("type") or "model"
+        url = f"{self.url}/{'spaces/' if repo_type == 'space' else ''}{repo_id}"
+        if (repo_type, repo_id) in self._repos:
+            raise HubError(409, f"You already created this {repo_type} repo", url=url)
+        if repo_type == "space" and payload.get("sdk") not in ("gradio", "docker", "static"):
+            raise HubError(400, "A Space needs an sdk: gradio, docker or static")
+        self.created.append(payload)
+        self._new_repo(repo_type, repo_id, payload.get("private") or payload.get("visibility") == "private")
         return 200, {"url": url, "name": repo_id}, {}
 
-    def _preupload(self, repo_id, repo, revision, body):
+    def _preupload(self, key, repo, revision, body):
         sha, files = self._resolve(repo, revision)
         answer = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
                    "oid": _blob_oid(files[f["path"]]) if f["path"] in files else None}
                   for f in json.loads(body)["files"]]
         return 200, {"files": answer, "commitOid": sha}, {}
 
-    def _commit(self, repo_id, repo, branch, body):
+    def _commit(self, key, repo, branch, body):
         if branch not in repo["branches"]:
             raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
@@ -183,10 +195,13 @@ class FakeHub:
             else:
                 raise HubError(400, f"This stand-in takes regular files only, not {key!r}")
         sha = self._new_commit(repo, branch, header["summary"], files)
-        self.commits.append({"repo_id": repo_id, "revision": branch, "summary": header["summary"], "paths": added})
-        return 200, {"success": True, "commitOid": sha, "commitUrl": f"{self.url}/{repo_id}/commit/{sha}"}, {}
+        repo_type, repo_id = key
+        self.commits.append({"repo_id": repo_id, "repo_type": repo_type, "revision": branch,
+                             "summary": header["summary"], "paths": added})
+        prefix = "spaces/" if repo_type == "space" else ""
+        return 200, {"success": True, "commitOid": sha, "commitUrl": f"{self.url}/{prefix}{repo_id}/commit/{sha}"}, {}
 
-    def _branch(self, repo_id, repo, branch, body):
+    def _branch(self, key, repo, branch, body):
         if branch in repo["branches"]:
             raise HubError(409, "Reference already exists")
         start = json.loads(body or b"{}").get("startingPoint") or "main"

@@ -56,9 +56,10 @@ def _table(header, rows):
     return "\n".join(lines)
 
 
-def model_card(hub_config, repo_id, eval_results=(), num_projector_parameters=None):
+def model_card(hub_config, repo_id, eval_results=(), num_projector_parameters=None, space_id=None):
     """The README.md of the repo: YAML metadata the Hub reads (pipeline, tags, license, base models, datasets,
-    model-index) and a body with usage, the training recipe, results, limitations and the citation."""
+    model-index) and a body with usage (and a link to the demo Space `space_id`), the training recipe, results,
+    limitations and the citation."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     def task(metric):  # `maccap vqa` results hold "VQA accuracy ..." metrics, `maccap eval` caption metrics
@@ -95,6 +96,8 @@ def model_card(hub_config, repo_id, eval_results=(), num_projector_parameters=No
         evaluation = "This checkpoint was published without an evaluation results file; no scores are claimed."
     trained = "the projector and the LM" if hub_config.finetune_lm else "only the projector (CLIP and the LM frozen)"
     projector = f" ({num_projector_parameters:,} parameters)" if num_projector_parameters else ""
+    demo = (f"\n\nTry it in the browser: [the {space_id} Space](https://huggingface.co/spaces/{space_id}), a "
+            "Gradio demo with every reranked candidate and its CLIP score, and a VQA tab." if space_id else "")
     body = f"""
 # {hub_config.model_name}
 
@@ -107,7 +110,7 @@ subregion features and reranks {settings['num_candidates']} noisy candidate capt
 
 - CLIP: [{hub_config.clip}](https://huggingface.co/{hub_config.clip})
 - Language model: [{hub_config.lm}](https://huggingface.co/{hub_config.lm})
-- Training corpus: {corpus}
+- Training corpus: {corpus}{demo}
 
 ## Usage
 
@@ -222,10 +225,12 @@ def _prepare_staging_dir(staging_dir):
     return staging_dir
 
 
-def stage(checkpoint_dir, hub_config, staging_dir, repo_id=None, eval_results=None, max_shard_size="2GB"):
+def stage(checkpoint_dir, hub_config, staging_dir, repo_id=None, eval_results=None, max_shard_size="2GB",
+          space_id=None):
     """Write the exact repo folder into `staging_dir`: safetensors weights (sharded above `max_shard_size`),
     config.json with auto_map and the pipeline entry, generation_config.json, processor files, the remote-code
-    .py files and README.md (the model card). `eval_results` is a results file path (see `read_eval_results`)."""
+    .py files and README.md (the model card, linking the Space `space_id` if given). `eval_results` is a results
+    file path (see `read_eval_results`)."""
     model = _load_checkpoint(checkpoint_dir)
     _check_matches(model, hub_config)
     results = read_eval_results(eval_results) if eval_results else []
@@ -233,15 +238,80 @@ def stage(checkpoint_dir, hub_config, staging_dir, repo_id=None, eval_results=No
     model.save_pretrained(staging_dir, max_shard_size=max_shard_size)
     model.processor.save_pretrained(staging_dir)
     card = model_card(hub_config, repo_id or hub_config.repo_id, results,
-                      num_projector_parameters=sum(p.numel() for p in model.projector.parameters()))
+                      num_projector_parameters=sum(p.numel() for p in model.projector.parameters()),
+                      space_id=space_id)
     card.save(staging_dir / "README.md")
     return staging_dir
 
 
+# ----------------------------------------------------------------------------------------------------- space
+# What the Space's requirements.txt pins (those installed), at the versions of the environment that staged it;
+# gradio itself comes from the README's sdk_version, as Spaces install it.
+SPACE_REQUIREMENTS = ("torch", "torchvision", "transformers", "tokenizers", "safetensors", "huggingface_hub",
+                      "pillow", "numpy")
+SPACE_MODEL_LINE = "SPACE_MODEL_ID = None"
+
+
+def space_app_source(model_id):
+    """serve_app.py (what `maccap serve` runs) with SPACE_MODEL_ID set to `model_id`: the Space's app.py."""
+    source = (Path(__file__).parent / "serve_app.py").read_text(encoding="utf-8")
+    if source.count(SPACE_MODEL_LINE) != 1:
+        raise AssertionError(f"serve_app.py must hold exactly one line {SPACE_MODEL_LINE!r}")
+    return source.replace(SPACE_MODEL_LINE, f"SPACE_MODEL_ID = {json.dumps(model_id)}")
+
+
+def _installed_version(package):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package).split("+")[0]  # no local label (2.14.1+cpu): PyPI has the plain release
+    except PackageNotFoundError:
+        return None
+
+
+def space_requirements():
+    versions = [(name, _installed_version(name)) for name in SPACE_REQUIREMENTS]
+    return ("# The versions this Space was staged and tested with; gradio comes from README.md's sdk_version.\n"
+            + "".join(f"{name}=={v}\n" for name, v in versions if v))
+
+
+def space_card(hub_config, model_id):
+    """The Space's README.md: the Space YAML (sdk, its version, app_file, the model repo) and a short body."""
+    from huggingface_hub import SpaceCard, SpaceCardData
+
+    gradio_version = _installed_version("gradio")
+    if gradio_version is None:
+        raise MacCapError("staging a Space needs gradio, to record the version it runs: pip install \"maccap[serve]\"")
+    data = SpaceCardData(title=hub_config.model_name[:60], emoji="🖼️", colorFrom="blue", colorTo="gray",
+                         sdk="gradio", sdk_version=gradio_version, app_file="app.py", models=[model_id],
+                         license=hub_config.license, short_description="Zero-shot captioning trained on text only",
+                         pinned=False)
+    body = f"""
+# {hub_config.model_name}
+
+The web demo of [{model_id}](https://huggingface.co/{model_id}), MacCap (zero-shot image captioning trained on
+text only). The Caption tab shows the caption CLIP kept and every reranked candidate with its CLIP score; the VQA
+tab answers a question about an image. `app.py` loads the model with
+`AutoModel.from_pretrained("{model_id}", trust_remote_code=True)`; it is the app of `maccap serve`, which runs
+the same page locally.
+"""
+    return SpaceCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def stage_space(hub_config, model_id, staging_dir):
+    """Write the Space repo for the model repo `model_id` into `staging_dir`: app.py, requirements.txt, README.md."""
+    staging_dir = _prepare_staging_dir(staging_dir)
+    (staging_dir / "app.py").write_text(space_app_source(model_id), encoding="utf-8")
+    (staging_dir / "requirements.txt").write_text(space_requirements(), encoding="utf-8")
+    space_card(hub_config, model_id).save(staging_dir / "README.md")
+    return staging_dir
+
+
 # ------------------------------------------------------------------------------------------------------ push
-def push(staging_dir, repo_id, private=False, revision=None, commit_message=None, exist_ok=False):
+def push(staging_dir, repo_id, private=False, revision=None, commit_message=None, exist_ok=False, repo_type=None):
     """Create `repo_id` and upload the staged folder as one commit (to branch `revision`, created if needed).
-    The token comes from HF_TOKEN or `hf auth login`. Returns the commit URL."""
+    `repo_type` "space" makes a Gradio Space. The token comes from HF_TOKEN or `hf auth login`. Returns the
+    commit URL."""
     from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -252,7 +322,8 @@ def push(staging_dir, repo_id, private=False, revision=None, commit_message=None
         raise MacCapError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again; {kept}")
     api = HfApi(token=token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=exist_ok)
+        api.create_repo(repo_id, private=private, exist_ok=exist_ok, repo_type=repo_type,
+                        space_sdk="gradio" if repo_type == "space" else None)
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code == 409:
             raise MacCapError(f"the repo {repo_id} already exists on {constants.ENDPOINT}; pass --exist-ok to add a "
@@ -262,8 +333,8 @@ def push(staging_dir, repo_id, private=False, revision=None, commit_message=None
         raise MacCapError(f"cannot reach {constants.ENDPOINT} to create {repo_id}: {error!r}; {kept}") from None
     try:
         if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(folder_path=staging_dir, repo_id=repo_id, revision=revision,
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
+        info = api.upload_folder(folder_path=staging_dir, repo_id=repo_id, revision=revision, repo_type=repo_type,
                                  commit_message=commit_message or "Upload MacCap checkpoint",
                                  ignore_patterns=[STAGING_MARKER])
     except Exception as error:  # noqa: BLE001 - a dropped connection, an HTTP error, a full disk: same advice
@@ -286,6 +357,8 @@ def add_parser(commands):
     up.add_argument("--revision", help="branch to push to (created if missing; default: main)")
     up.add_argument("--commit-message", help="commit message (default: 'Upload MacCap checkpoint')")
     up.add_argument("--exist-ok", action="store_true", help="add a commit to a repo that already exists")
+    up.add_argument("--space", metavar="ORG/NAME", help="also stage (in STAGING_DIR-space) and push a Gradio Space "
+                                                        "that serves the model: maccap serve's page")
     up.set_defaults(run=run)
     return up
 
@@ -293,14 +366,25 @@ def add_parser(commands):
 def run(args):
     hub_config = load_hub_config(args.hub_config)
     repo_id = args.repo_id or hub_config.repo_id
+    if args.space and args.revision:
+        raise MacCapError("--space with --revision: a Space runs its main branch and loads the model repo's main "
+                          "branch; push the model to main, or the Space later")
     checkpoint = Path(args.checkpoint)
     staging_dir = Path(args.staging_dir or checkpoint.parent / f"{checkpoint.name}-hub-staging")
     stage(checkpoint, hub_config, staging_dir, repo_id=repo_id, eval_results=args.eval_results,
-          max_shard_size=args.max_shard_size)
+          max_shard_size=args.max_shard_size, space_id=args.space)
     print(f"staged {repo_id} in {staging_dir}")
+    space_dir = Path(f"{staging_dir}-space")
+    if args.space:
+        stage_space(hub_config, repo_id, space_dir)
+        print(f"staged the Space {args.space} in {space_dir}")
     if args.dry_run:
         return 0
     url = push(staging_dir, repo_id, private=args.private, revision=args.revision,
                commit_message=args.commit_message, exist_ok=args.exist_ok)
     print(f"pushed {staging_dir} to {repo_id}: {url}")
+    if args.space:  # after the model: the Space loads it when it starts
+        url = push(space_dir, args.space, private=args.private, exist_ok=args.exist_ok, repo_type="space",
+                   commit_message=args.commit_message or "Upload the MacCap demo Space")
+        print(f"pushed {space_dir} to the Space {args.space}: {url}")
     return 0
