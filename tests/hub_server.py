@@ -162,14 +162,14 @@ class FakeHub:
         self._new_repo(repo_type, repo_id, payload.get("private") or payload.get("visibility") == "private")
         return 200, {"url": url, "name": repo_id}, {}
 
-    def _preupload(self, key, repo, revision, body):
+    def _preupload(self, where, repo, revision, body):
         sha, files = self._resolve(repo, revision)
         answer = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
                    "oid": _blob_oid(files[f["path"]]) if f["path"] in files else None}
                   for f in json.loads(body)["files"]]
         return 200, {"files": answer, "commitOid": sha}, {}
 
-    def _commit(self, key, repo, branch, body):
+    def _commit(self, where, repo, branch, body):
         if branch not in repo["branches"]:
             raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
@@ -195,13 +195,13 @@ class FakeHub:
             else:
                 raise HubError(400, f"This stand-in takes regular files only, not {key!r}")
         sha = self._new_commit(repo, branch, header["summary"], files)
-        repo_type, repo_id = key
+        repo_type, repo_id = where
         self.commits.append({"repo_id": repo_id, "repo_type": repo_type, "revision": branch,
                              "summary": header["summary"], "paths": added})
         prefix = "spaces/" if repo_type == "space" else ""
         return 200, {"success": True, "commitOid": sha, "commitUrl": f"{self.url}/{prefix}{repo_id}/commit/{sha}"}, {}
 
-    def _branch(self, key, repo, branch, body):
+    def _branch(self, where, repo, branch, body):
         if branch in repo["branches"]:
             raise HubError(409, "Reference already exists")
         start = json.loads(body or b"{}").get("startingPoint") or "main"

@@ -19,6 +19,19 @@ make_venv() {  # make_venv NAME: a new virtual environment .venv-NAME with macca
   fi
 }
 
+# The browser test (tests/test_serve.py) drives Debian's headless Chromium through its chromium-driver; nothing
+# downloads a browser build. Installed with apt where missing (as root); without them that test fails under CI=true
+# and is skipped elsewhere.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "=== installing chromium and chromium-driver with apt, for the browser test"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+      >/dev/null || echo "could not install chromium and chromium-driver with apt" >&2
+  else
+    echo "no chromium / chromedriver, and no apt-get as root to install them: see tests/test_serve.py" >&2
+  fi
+fi
+
 old=.venv-old-transformers  # transformers alone, imported over the locked environment by one test
 rm -rf "$old"
 if "$PYTHON" -m pip install -qq --no-deps --target "$old" "transformers==$OLD_TRANSFORMERS"; then
@@ -37,7 +50,7 @@ for name in ${MACCAP_RESOLUTIONS:-locked newest}; do
   fi
   ".venv-$name/bin/python" -c 'import importlib.metadata as m
 print("    " + " ".join(f"{p}=={m.version(p)}" for p in ("torch", "transformers", "huggingface_hub", "tokenizers",
-      "safetensors", "accelerate", "datasets", "numpy", "pillow", "open_clip_torch")))'
+      "safetensors", "accelerate", "datasets", "numpy", "pillow", "open_clip_torch", "gradio", "selenium")))'
   ".venv-$name/bin/python" -m pytest tests -q -p no:cacheprovider "$@" 2>&1 | tee ".venv-$name/pytest.log"
   rc=${PIPESTATUS[0]}
   counts=$(tail -n 1 ".venv-$name/pytest.log" | grep -oE "[0-9]+ (passed|failed|errors?|skipped)" | paste -sd, -)

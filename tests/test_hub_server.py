@@ -87,7 +87,7 @@ def test_upload_folder_stores_the_exact_bytes(hub, api, tmp_path):
     api.create_repo("org/model")
     info = api.upload_folder(repo_id="org/model", folder_path=write_folder(tmp_path, FILES), commit_message="up")
     assert hub.files("org/model") == FILES
-    assert hub.commits == [{"repo_id": "org/model", "revision": "main", "summary": "up",
+    assert hub.commits == [{"repo_id": "org/model", "repo_type": "model", "revision": "main", "summary": "up",
                             "paths": sorted(FILES)}]
     model = api.model_info("org/model")
     assert model.sha == info.oid and sorted(s.rfilename for s in model.siblings) == sorted(FILES)

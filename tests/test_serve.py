@@ -55,13 +55,11 @@ def serve_env():
     return {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
 
 
-def start(command, log_path, cwd, env, timeout=180):
-    """Start a server command, wait until its URL answers; (process, url)."""
-    port = free_port()
-    log = open(log_path, "w")
-    process = subprocess.Popen([*command, "--port", str(port)] if "--port" not in command else command, stdout=log,
-                               stderr=subprocess.STDOUT, cwd=cwd, env={**env, "GRADIO_SERVER_PORT": str(port)},
-                               stdin=subprocess.DEVNULL)
+def start(command, port, log_path, cwd, env, timeout=180):
+    """Start a server command that listens on 127.0.0.1:`port`, wait until it answers; (process, url)."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                   stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -87,9 +85,9 @@ def stop(process):
 @pytest.fixture(scope="module")
 def server(folder, tmp_path_factory):
     """`maccap serve FOLDER` in a process of its own; (url, log file)."""
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    log, port = tmp_path_factory.mktemp("serve-log") / "server.log", free_port()
     process, url = start([sys.executable, "-m", "modeling_maccap.tools.cli", "serve", str(folder), "--host",
-                          "127.0.0.1"], log, folder.parent, serve_env())
+                          "127.0.0.1", "--port", str(port)], port, log, folder.parent, serve_env())
     yield url, log
     stop(process)
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import huggingface_hub
@@ -273,3 +274,78 @@ def test_upload_script_pushes_byte_identical_files_that_load_through_the_hub(mod
     expected = processor.batch_decode(model.generate(**processor(images=image_paths)))
     assert got["captions"] == expected and got["itt_captions"] == expected
     assert got["pipe_list"] == [[{"generated_text": c}] for c in expected]
+
+
+# --------------------------------------------------------------------------------------------------- Space
+SPACE_APP = textwrap.dedent(
+    """
+    import runpy, sys
+    sys.modules["modeling_maccap"] = None  # the Space has no maccap package: the model comes as remote code
+    runpy.run_path("app.py", run_name="__main__")
+    """
+)
+
+
+def test_space_is_staged_pushed_and_serves_the_model_from_the_hub(model, processor, checkpoint, hub_config_file,
+                                                                  tmp_path):
+    """`upload.py --space` pushes the model and a Space beside it; the Space's app.py, run from the files the Hub
+    holds in a process without this package, loads the model from the Hub and captions like the source model."""
+    import importlib.metadata
+
+    gradio_client = pytest.importorskip("gradio_client")
+    from modeling_maccap.tools import serve_app
+
+    from .test_serve import free_port, serve_env, start, stop
+
+    with FakeHub(tokens=(TOKEN,)) as server:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env.update(HF_ENDPOINT=server.url, HF_TOKEN=TOKEN, PYTHONPATH="")
+        staging = tmp_path / "staging"
+        run = subprocess.run([sys.executable, str(ROOT / "upload.py"), str(checkpoint), "--hub-config",
+                              str(hub_config_file), "--repo-id", "org/name", "--staging-dir", str(staging),
+                              "--space", "org/name-demo"],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, stdin=subprocess.DEVNULL)
+        assert run.returncode == 0, run.stderr[-3000:]
+        space = Path(f"{staging}-space")
+        assert server.files("org/name") == staged_files(staging)
+        files = server.files("org/name-demo", repo_type="space")
+        assert files == staged_files(space) and set(files) == {"app.py", "requirements.txt", "README.md"}
+        assert [c["sdk"] for c in server.created if c.get("type") == "space"] == ["gradio"]
+
+        source = (Path(serve_app.__file__)).read_text()
+        assert files["app.py"].decode() == source.replace("SPACE_MODEL_ID = None", 'SPACE_MODEL_ID = "org/name"')
+        meta = front_matter(files["README.md"].decode())
+        assert (meta["sdk"], meta["app_file"], meta["models"]) == ("gradio", "app.py", ["org/name"])
+        assert meta["sdk_version"] == importlib.metadata.version("gradio")
+        pins = dict(line.split("==") for line in files["requirements.txt"].decode().splitlines()
+                    if not line.startswith("#"))
+        assert pins["transformers"] == importlib.metadata.version("transformers")
+        assert pins["torch"] == importlib.metadata.version("torch").split("+")[0]
+        card = server.files("org/name")["README.md"].decode()
+        assert "(https://huggingface.co/spaces/org/name-demo)" in card
+
+        (tmp_path / "space").mkdir()
+        for name, data in files.items():
+            (tmp_path / "space" / name).write_bytes(data)
+        port = free_port()
+        app_env = {**serve_env(), **env, "HF_HUB_OFFLINE": "0", "GRADIO_SERVER_NAME": "127.0.0.1",
+                   "GRADIO_SERVER_PORT": str(port)}
+        app_env.pop("HF_TOKEN")  # a public model repo: the Space needs no token
+        process, url = start([sys.executable, "-c", SPACE_APP], port, tmp_path / "space.log", tmp_path / "space",
+                             app_env)
+        try:
+            image = tmp_path / "photo.png"
+            random_image(90).save(image)
+            client = gradio_client.Client(url, verbose=False, download_files=False)
+            _, text, _, status = client.predict([gradio_client.handle_file(str(image))], 4, 4, 16, 0,
+                                                api_name="/caption")
+        finally:
+            stop(process)
+    assert status == ""
+    assert text == f"photo.png: {processor.batch_decode(model.generate(**processor(images=[str(image)])))[0]}"
+
+
+def test_space_with_revision_is_refused(checkpoint, hub_config_file, tmp_path, capsys):
+    assert main(["upload", str(checkpoint), "--hub-config", str(hub_config_file), "--space", "org/demo",
+                 "--revision", "v1", "--dry-run", "--staging-dir", str(tmp_path / "staging")]) == 2
+    assert "--space with --revision: a Space runs its main branch" in capsys.readouterr().err

@@ -213,7 +213,8 @@ def build_demo(model, processor, title="MacCap", examples_dir=None):
                     captions = gr.Textbox(label="Kept captions", lines=3, elem_id="captions")
                     gallery = gr.Gallery(label="Captioned", columns=4, height=220, object_fit="contain")
                     table = gr.Dataframe(headers=["image", "candidate", "CLIP score", "kept"],
-                                         label="Every candidate, best first", wrap=True)
+                                         label="Every candidate, best first", wrap=True,
+                                         column_widths=["24%", "50%", "14%", "12%"])
             button.click(make_caption_batch(model, processor),
                          [files, num_candidates, num_beams, max_new_tokens, noise_seed],
                          [gallery, captions, table, status], batch=True, max_batch_size=MAX_BATCH_SIZE,
