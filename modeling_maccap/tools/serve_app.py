@@ -115,6 +115,7 @@ def make_caption_batch(model, processor):
     def caption_batch(files, num_candidates, num_beams, max_new_tokens, noise_seed):
         """Gradio's batched event: one list per input, one entry per request; one list per output."""
         n = len(files)
+        logger.info("caption batch started: %d requests", n)
         galleries, texts, tables, statuses = [[]] * n, [""] * n, [[]] * n, [""] * n
         groups = {}  # settings -> [(request, images, paths)]
         for i in range(n):
