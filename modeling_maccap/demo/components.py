@@ -1,4 +1,4 @@
-"""The demo's components, trained here because nothing can be downloaded: a tiny CLIP, a tiny GPT-2, and MacCap's
+"""The demo's components, trained here because nothing can be downloaded: a tiny CLIP, a tiny LM, and MacCap's
 projector, text only through `training.train` (what `maccap train` runs) or on image features (the upper bound)."""
 
 import json
@@ -55,12 +55,15 @@ def clip_folder(settings, scenes, images, folder, log):
         projection_dim=settings.projection_dim)
     torch.manual_seed(settings.seed)
     model = CLIPModel(config)
+    with torch.no_grad():  # CLIP's init (std 0.02) hides where a patch is; this tower learned positions in 3000 steps
+        model.vision_model.embeddings.position_embedding.weight.copy_(
+            _grid_position_embeddings(settings.image_size // settings.patch_size, settings.clip_width))
     pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.clip_learning_rate, weight_decay=0.1)
     schedule = get_cosine_schedule_with_warmup(optimizer, settings.clip_steps // 20, settings.clip_steps)
     rng = np.random.default_rng([settings.seed, 10])
     for step in range(settings.clip_steps):
-        rows = rng.choice(len(scenes), settings.batch_size, replace=False)
+        rows = _hard_negative_batch(scenes, settings.batch_size, settings.clip_group_size, rng)
         captions = [scenes[i][1][rng.integers(len(scenes[i][1]))] for i in rows]
         text = tokenizer(captions, padding=True, return_tensors="pt")
         text_embeds = F.normalize(model.get_text_features(**text).pooler_output, dim=-1)
@@ -80,21 +83,59 @@ def clip_folder(settings, scenes, images, folder, log):
     return str(folder)
 
 
-def lm_folder(settings, scenes, folder, log):
-    """Pretrain a tiny GPT-2 on the text part's captions and save it as a causal-LM folder. A training document is
-    all the captions of one scene in a random order, each as MacCap feeds it ([BOS, caption] ... EOS): like GPT-2
-    on web text, the LM learns from context as well as from the sentence itself, which is what lets a prefix
-    steer it."""
+def _grid_position_embeddings(grid, width):
+    """2-D sine-cosine position embeddings for a ViT of `grid` x `grid` patches and a CLS token (zeros) in front,
+    as MAE initialises its ViTs: half the channels encode the row, half the column, at geometric frequencies."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, get_cosine_schedule_with_warmup
+
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                   indexing="ij")
+    angles = [axis.flatten()[:, None] * frequencies[None] for axis in (rows, columns)]
+    patches = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+    return torch.cat([torch.zeros(1, width), patches])
+
+
+def _hard_negative_batch(scenes, batch_size, group_size, rng):
+    """Row indices of one CLIP batch: `batch_size // group_size` groups of `group_size` distinct scenes whose salient
+    objects have the same colour and shape. A random batch is mostly told apart by its salient objects alone; in
+    these groups the loss has to tell where the object is, the background and the other objects."""
+    groups = {}
+    for i, (scene, _) in enumerate(scenes):
+        groups.setdefault((scene.salient.colour, scene.salient.shape), []).append(i)
+    remaining = {key: list(groups[key]) for key in sorted(groups)}
+    rows = []
+    for _ in range(batch_size // group_size):
+        keys = [key for key, members in remaining.items() if len(members) >= group_size]
+        if not keys:
+            raise ValueError(f"too few scenes for {batch_size // group_size} groups of {group_size} in one batch")
+        members = remaining[keys[rng.integers(len(keys))]]
+        for j in sorted(rng.choice(len(members), group_size, replace=False), reverse=True):
+            rows.append(members.pop(j))  # distinct scenes: a key drawn twice gives two groups of other scenes
+    return np.asarray(rows)
+
+
+def lm_folder(settings, scenes, folder, log):
+    """Pretrain a tiny decoder LM on the text part's captions and save it as a causal-LM folder.
+
+    A training document is `settings.lm_document_captions` captions of one scene drawn with replacement, each as
+    MacCap feeds it ([BOS, caption] ... EOS). Like GPT-2 on web text, the LM learns to continue from its context,
+    copying what the context said, which is what lets a prefix steer it. The architecture is Llama's (rotary
+    positions): with GPT-2's learned positions a model this small did not learn to copy a word from its context
+    in the demo's budget, and with rotary positions it does."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
     from ..tools.tiny import tiny_lm_tokenizer
 
     tokenizer = tiny_lm_tokenizer(world.vocabulary())
     bos = eos = tokenizer.eos_token_id  # GPT-2's <|endoftext|> is both
     torch.manual_seed(settings.seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=settings.lm_width,
-                                       n_layer=settings.lm_layers, n_head=4, bos_token_id=bos, eos_token_id=eos))
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=settings.lm_width, intermediate_size=4 * settings.lm_width,
+        num_hidden_layers=settings.lm_layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=256, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True))
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lm_learning_rate, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, settings.lm_steps // 20, settings.lm_steps)
     rng = np.random.default_rng([settings.seed, 11])
@@ -102,7 +143,7 @@ def lm_folder(settings, scenes, folder, log):
     for step in range(settings.lm_steps):
         documents = []
         for i in rng.choice(len(scenes), settings.batch_size):
-            order = rng.permutation(len(token_ids[i]))
+            order = rng.integers(len(token_ids[i]), size=settings.lm_document_captions)
             documents.append([t for c in order for t in [bos] + token_ids[i][c]] + [eos])
         length = max(map(len, documents))
         input_ids = torch.tensor([d + [eos] * (length - len(d)) for d in documents])
@@ -148,17 +189,29 @@ def hub_config(settings, folder, captions_file, clip_path, lm_path, train_noise_
     return path
 
 
+class ImageCaptionCollator:
+    """Rows {"caption", "image": its scene's index} -> the LM inputs of the captions and the pixel values of their
+    images, with noise drawn afresh from torch's RNG (noise_seed None), as the text-only runs draw theirs."""
+
+    def __init__(self, processor, pixel_values):
+        self.processor, self.pixel_values = processor, pixel_values
+
+    def __call__(self, rows):
+        return {**self.processor.caption_lm_inputs([row["caption"] for row in rows]),
+                "pixel_values": self.pixel_values[[row["image"] for row in rows]], "noise_seed": None}
+
+
 def train_on_image_features(hub_config_path, images, captions, output_dir):
-    """The upper bound: the projector trained as in `training.train`, with each caption's CLIP text embedding
-    replaced by the CLIP image embedding of its own scene."""
+    """The upper bound: the projector trained as in `training.train`, conditioned on its own scene's image as
+    `generate()` conditions it (subregion features with the inference noise, fresh at every step) instead of on
+    the caption's CLIP text embedding with the training noise. Train and test see the same inputs: no modality gap."""
     import datasets
     import torch
-    import torch.nn.functional as F
     from transformers import TrainingArguments, set_seed
 
     from ..tools.hub_config import load_hub_config
     from ..modeling_maccap import MacCapForConditionalGeneration
-    from ..tools.training import FEATURE_COLUMN, CaptionCollator, MacCapTrainer
+    from ..tools.training import MacCapTrainer
 
     config = load_hub_config(hub_config_path)
     args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, label_names=["labels"],
@@ -167,15 +220,11 @@ def train_on_image_features(hub_config_path, images, captions, output_dir):
     model = MacCapForConditionalGeneration.from_pretrained_components(clip=config.clip, lm=config.lm, **config.maccap)
     processor = model.processor
     processor.max_caption_length = config.max_caption_length
-    with torch.no_grad():
-        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        image_embeds = F.normalize(model.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     per_scene = len(captions) // len(images)
-    dataset = datasets.Dataset.from_dict({
-        "caption": captions, FEATURE_COLUMN: image_embeds.repeat_interleave(per_scene, 0).numpy()})
-    trainer = MacCapTrainer(model=model, args=args, train_dataset=dataset.with_format(
-        "torch", columns=[FEATURE_COLUMN], output_all_columns=True), data_collator=CaptionCollator(processor),
-        processing_class=processor)
+    dataset = datasets.Dataset.from_dict({"caption": captions, "image": np.arange(len(captions)) // per_scene})
+    trainer = MacCapTrainer(model=model, args=args, train_dataset=dataset,
+                            data_collator=ImageCaptionCollator(processor, pixel_values), processing_class=processor)
     trainer.train()
     trainer.save_model(str(output_dir))
     return output_dir

@@ -1,11 +1,11 @@
 """`maccap demo`: the whole method, offline, on a synthetic world, with the paper's ablations (not remote code).
 
 1. A world of coloured shapes (`world.py`), split into disjoint parts.
-2. A tiny CLIP trained contrastively on (image, caption) pairs of the "clip" part, and a tiny GPT-2 pretrained
+2. A tiny CLIP trained contrastively on (image, caption) pairs of the "clip" part, and a tiny decoder LM pretrained
    on the captions of the "text" part (the frozen LM must know the world's language, as GPT-2 knows English).
 3. MacCap's projector trained text-only on the "text" captions through `training.train`, as `maccap train`
-   does: with the paper's noise, and without it. An upper bound trains the same projector on the CLIP image
-   embeddings of the "text" scenes instead of their caption embeddings (the only run that sees images).
+   does: with the paper's noise, and without it. An upper bound trains the same projector on the images of
+   the "text" scenes as `generate()` sees them instead of their caption embeddings (the only run that sees images).
 4. Held-out "test" images captioned by `generate()` in each setting of ROWS, scored per image by pycocoevalcap,
    with bootstrap intervals over images, diagnostics that say why a component helps or not, two plots, a
    results page and a contact sheet (`report.py`).
@@ -30,8 +30,9 @@ ROWS = (
     ("no training noise", "no_noise", {}, "the projector trained on clean caption embeddings (variance 0)"),
     ("cls subregion mode", "noise", {"subregion_mode": "cls"}, "k copies of the global image embedding"),
     ("no reranking", "noise", {"rerank": False}, "one noisy draw per image, plain beam search"),
-    ("upper bound: image features", "image", {}, "the projector trained on the CLIP image embeddings of the "
-                                                  "text part's scenes instead of their caption embeddings"),
+    ("upper bound: image features", "image", {}, "the projector trained on the text part's images as generate() "
+                                                  "sees them (subregion features, inference noise) instead of on "
+                                                  "their caption embeddings"),
     ("floor: LM without prefix", "lm_alone", {}, "the frozen LM's own beam-search caption, the same for every image"),
     ("control: shuffled images", "shuffled", {}, "the full method's captions, each scored against another "
                                                 "held-out image's references"),
@@ -64,12 +65,14 @@ class DemoSettings:
     projection_dim: int = 64
     clip_steps: int = 1000
     clip_learning_rate: float = 2e-3
+    clip_group_size: int = 4  # scenes per hard-negative group in a CLIP batch (components._hard_negative_batch)
     clip_patch_alignment: float = 1.0  # weight of the patch-token contrastive term (components.clip_folder)
-    # The LM is pretrained on documents of all the captions of one scene: every position a prefix can push a
-    # caption into is then trained to continue from context about the same scene, which is what a prefix is.
+    # The LM is pretrained on documents of captions of one scene: every position a prefix can push a caption into
+    # is then trained to continue from (and copy) context about the same scene, which is what a prefix is.
     lm_width: int = 64
     lm_layers: int = 2
-    lm_steps: int = 1000
+    lm_steps: int = 600
+    lm_document_captions: int = 8  # captions of one scene per pretraining document, drawn with replacement
     lm_learning_rate: float = 6e-3
     num_queries: int = 16
     projector_steps: int = 500

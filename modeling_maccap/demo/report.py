@@ -90,6 +90,8 @@ def findings(results):
         f"from its context {d['lm_copies_salient_position']:.0%} of the time (chance {d['chance_position']:.0%} "
         "each).")
     gap, closed = effects["modality gap left"], results["gap_closed"]
+    clean_below_ceiling = (rows["no training noise"]["CIDEr"]["value"]
+                           < rows["upper bound: image features"]["CIDEr"]["value"])
     out.append(
         f"Ceiling and floor: the upper bound (the projector trained on image features, which a text-only method "
         f"never has) scores CIDEr {rows['upper bound: image features']['CIDEr']['value']:.3f}, "
@@ -98,6 +100,10 @@ def findings(results):
         f"gets {_ci(closed['method between floor and ceiling'], 2)} of the way"
         + (f"; of the gap between the projector trained on clean text (no noise injection) and the upper bound, the "
            f"method closes {_ci(closed['noise injection closes of the modality gap'], 2)}."
+           if excludes_zero(gap) and gap["value"] > 0 and clean_below_ceiling else
+           f". The projector trained on clean text (no noise injection) scores "
+           f"{rows['no training noise']['CIDEr']['value']:.3f}, not below the upper bound, so there is no gap for "
+           "noise injection to close and that fraction is not meaningful."
            if excludes_zero(gap) and gap["value"] > 0 else
            ". The upper bound is not clearly above the method here, so no modality gap is left for noise injection "
            "to close and that fraction is not meaningful."))

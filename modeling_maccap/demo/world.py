@@ -50,8 +50,9 @@ class Scene:
         """Every caption of the scene: the salient object with its position or the background, or beside one
         other object; never all the scene shows."""
         s, bg = self.salient, self.background
-        out = [f"{s.phrase(False)} in the {s.position}", f"{s.phrase()} in the {s.position}",
-               f"{s.phrase()} on a {bg} background", f"{s.phrase(False)} on a {bg} background"]
+        where = f"in the {s.position}"
+        out = [f"{s.phrase(False)} {where}", f"{s.phrase()} {where} on a {bg} background",
+               f"{s.phrase(False)} {where} on a {bg} background", f"{s.phrase()} on a {bg} background"]
         for other in self.objects[1:]:
             out += [f"{s.phrase(False)} and {other.phrase(False)}",
                     f"{s.phrase(False)} in the {s.position} and {other.phrase()}"]
