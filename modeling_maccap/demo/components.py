@@ -55,7 +55,7 @@ def clip_folder(settings, scenes, images, folder, log):
         projection_dim=settings.projection_dim)
     torch.manual_seed(settings.seed)
     model = CLIPModel(config)
-    with torch.no_grad():  # CLIP's init (std 0.02) hides where a patch is; this tower learned positions in 3000 steps
+    with torch.no_grad():  # with CLIP's init (std 0.02) this tower took 3000 steps to learn where a patch is
         model.vision_model.embeddings.position_embedding.weight.copy_(
             _grid_position_embeddings(settings.image_size // settings.patch_size, settings.clip_width))
     pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
@@ -206,7 +206,6 @@ def train_on_image_features(hub_config_path, images, captions, output_dir):
     `generate()` conditions it (subregion features with the inference noise, fresh at every step) instead of on
     the caption's CLIP text embedding with the training noise. Train and test see the same inputs: no modality gap."""
     import datasets
-    import torch
     from transformers import TrainingArguments, set_seed
 
     from ..tools.hub_config import load_hub_config
