@@ -252,19 +252,29 @@ def test_private_branch_and_commit_message(hub, checkpoint, hub_config_file, tmp
     assert hub.commits[-1]["summary"] == "MacCap tiny v1" and hub.commits[-1]["revision"] == "v1"
 
 
+def hub_env(server):
+    """This process's environment pointed at the stand-in Hub `server`, with its token, online."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=server.url, HF_TOKEN=TOKEN, PYTHONPATH="")
+    return env
+
+
+def run_upload_script(server, checkpoint, hub_config_file, staging, *arguments):
+    """`python upload.py CHECKPOINT` to org/name in a process of its own, against the stand-in Hub `server`."""
+    env = hub_env(server)
+    return subprocess.run([sys.executable, str(ROOT / "upload.py"), str(checkpoint), "--hub-config",
+                           str(hub_config_file), "--repo-id", "org/name", "--staging-dir", str(staging), *arguments],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, stdin=subprocess.DEVNULL)
+
+
 def test_upload_script_pushes_byte_identical_files_that_load_through_the_hub(model, processor, checkpoint,
                                                                             hub_config_file, results_file,
                                                                             image_paths, tmp_path):
     """`python upload.py` in its own process, then from_pretrained("org/name") in another, both through the
     stand-in Hub: the repo holds exactly the staged bytes and captions like the source model."""
     with FakeHub(tokens=(TOKEN,)) as server:
-        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-        env.update(HF_ENDPOINT=server.url, HF_TOKEN=TOKEN, PYTHONPATH="")
         staging = tmp_path / "staging"
-        run = subprocess.run([sys.executable, str(ROOT / "upload.py"), str(checkpoint), "--hub-config",
-                              str(hub_config_file), "--repo-id", "org/name", "--staging-dir", str(staging),
-                              "--eval-results", str(results_file)],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, stdin=subprocess.DEVNULL)
+        run = run_upload_script(server, checkpoint, hub_config_file, staging, "--eval-results", str(results_file))
         assert run.returncode == 0, run.stderr[-3000:]
         assert "pushed" in run.stdout
         assert server.files("org/name") == staged_files(staging)
@@ -298,13 +308,8 @@ def test_space_is_staged_pushed_and_serves_the_model_from_the_hub(model, process
     from .test_serve import free_port, serve_env, start, stop
 
     with FakeHub(tokens=(TOKEN,)) as server:
-        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-        env.update(HF_ENDPOINT=server.url, HF_TOKEN=TOKEN, PYTHONPATH="")
         staging = tmp_path / "staging"
-        run = subprocess.run([sys.executable, str(ROOT / "upload.py"), str(checkpoint), "--hub-config",
-                              str(hub_config_file), "--repo-id", "org/name", "--staging-dir", str(staging),
-                              "--space", "org/name-demo"],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, stdin=subprocess.DEVNULL)
+        run = run_upload_script(server, checkpoint, hub_config_file, staging, "--space", "org/name-demo")
         assert run.returncode == 0, run.stderr[-3000:]
         space = Path(f"{staging}-space")
         assert server.files("org/name") == staged_files(staging)
@@ -328,7 +333,7 @@ def test_space_is_staged_pushed_and_serves_the_model_from_the_hub(model, process
         for name, data in files.items():
             (tmp_path / "space" / name).write_bytes(data)
         port = free_port()
-        app_env = {**serve_env(), **env, "HF_HUB_OFFLINE": "0", "GRADIO_SERVER_NAME": "127.0.0.1",
+        app_env = {**serve_env(), **hub_env(server), "HF_HUB_OFFLINE": "0", "GRADIO_SERVER_NAME": "127.0.0.1",
                    "GRADIO_SERVER_PORT": str(port)}
         app_env.pop("HF_TOKEN")  # a public model repo: the Space needs no token
         process, url = start([sys.executable, "-c", SPACE_APP], port, tmp_path / "space.log", tmp_path / "space",
