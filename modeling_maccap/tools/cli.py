@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from ..demo import demo
-from . import captioning, convert_original, evaluation, hub, selfcheck, serve, training, vqa
+from . import captioning, convert_original, evaluation, hub, onnx_export, selfcheck, serve, training, vqa
 from .errors import MacCapError
 
-COMMANDS = (demo, selfcheck, training, hub, convert_original, captioning, evaluation, vqa, serve)
+COMMANDS = (demo, selfcheck, training, hub, convert_original, captioning, evaluation, vqa, serve, onnx_export)
 
 
 def build_parser():
