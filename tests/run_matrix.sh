@@ -50,7 +50,8 @@ for name in ${MACCAP_RESOLUTIONS:-locked newest}; do
   fi
   ".venv-$name/bin/python" -c 'import importlib.metadata as m
 print("    " + " ".join(f"{p}=={m.version(p)}" for p in ("torch", "transformers", "huggingface_hub", "tokenizers",
-      "safetensors", "accelerate", "datasets", "numpy", "pillow", "open_clip_torch", "gradio", "selenium")))'
+      "safetensors", "accelerate", "datasets", "numpy", "pillow", "open_clip_torch", "gradio", "selenium",
+      "onnx", "onnxruntime")))'
   ".venv-$name/bin/python" -m pytest tests -q -p no:cacheprovider "$@" 2>&1 | tee ".venv-$name/pytest.log"
   rc=${PIPESTATUS[0]}
   counts=$(tail -n 1 ".venv-$name/pytest.log" | grep -oE "[0-9]+ (passed|failed|errors?|skipped)" | paste -sd, -)
