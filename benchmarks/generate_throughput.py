@@ -9,14 +9,17 @@ with torch's FlopCounterMode); with the measured matmul rate they give the floor
 timed test.
 
     python benchmarks/generate_throughput.py [--batch-sizes 1 8 32] [--candidates 1 4] [--repeats N] [--threads T]
-        [--device cpu|cuda] [--dtypes float32 bfloat16] [--no-baseline] [--out FILE] [--markdown BENCHMARKS.md]
+        [--device cpu|cuda] [--dtypes float32 bfloat16] [--no-baseline] [--onnx] [--out FILE] [--markdown BENCHMARKS.md]
 
 Each configuration runs in every `--dtypes` (the weights' dtype, `from_pretrained(..., dtype=...)`; float32 is the
 default and the captions of the Python API, the others are opt-in; what they cost in captions is measured on a
 trained model by benchmarks/dtype_agreement.py, since a random LM's nearly flat logits flip at any rounding).
 Beside each configuration, unless --no-baseline, a fresh process times the reference code's algorithm on the same
 weights and inputs, in float32 as the reference code runs (benchmarks/reference_baseline.py: the same candidates,
-done the reference's way), and the report gives them side by side with their ratios.
+done the reference's way), and the report gives them side by side with their ratios. With --onnx (cpu only), the
+float32 model is exported once by `maccap export-onnx`'s `export_onnx` (each graph checked against PyTorch), and
+beside each configuration a fresh process times `OnnxMacCapCaptioner.generate` (ONNX Runtime's CPU provider) with
+the same inputs, options, warm-up and repeats as the package's rows.
 
 Writes the figures and the command to `--out` (JSON) and to this benchmark's section of BENCHMARKS.md.
 """
@@ -229,7 +232,8 @@ class Split:
             if not starts:
                 self.seconds["lm_forward"] += time.perf_counter() - start
 
-        for module in (model.language_model, model.language_model.base_model):
+        # (The ONNX Runtime LM is its own base model: hooked once.)
+        for module in {id(m): m for m in (model.language_model, model.language_model.base_model)}.values():
             module.register_forward_pre_hook(forward_start)
             module.register_forward_hook(forward_end)
 
@@ -256,6 +260,29 @@ def load_model(spec):
     return model.to(spec["device"]).eval().requires_grad_(False)
 
 
+def load_onnx_captioner(spec):
+    """The ONNX Runtime captioner on the export folder, with --threads for ONNX Runtime's intra-op pool too."""
+    import onnxruntime
+
+    from modeling_maccap.tools.onnx_runtime import OnnxMacCapCaptioner
+
+    transformers.logging.set_verbosity_error()
+    options = onnxruntime.SessionOptions()
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+        options.intra_op_num_threads, options.inter_op_num_threads = spec["threads"], 1
+    return OnnxMacCapCaptioner.from_folder(spec["onnx_folder"], session_options=options)
+
+
+def child_export(spec):
+    """The float32 model exported to ONNX (`export_onnx`, every graph checked against PyTorch)."""
+    from modeling_maccap.tools.onnx_export import export_onnx
+
+    start = time.perf_counter()
+    manifest = export_onnx(load_model(spec), spec["folder"])
+    return {"max_abs_diff": manifest["max_abs_diff"], "export_s": time.perf_counter() - start}
+
+
 def random_inputs(model, batch, seed=0):
     """Random RGB images of varied sizes, preprocessed once (not timed)."""
     rng = np.random.default_rng(seed)
@@ -272,9 +299,10 @@ def generate_kwargs(model, candidates, vocabulary):
 
 def child_run(spec):
     """One configuration, timed: warm-up, then `repeats` calls; peak RSS of this process. `spec["impl"]`: "package"
-    (`model.generate`) or "reference" (the reference code's algorithm, benchmarks/reference_baseline.py)."""
+    (`model.generate`), "reference" (the reference code's algorithm, benchmarks/reference_baseline.py) or "onnx"
+    (`OnnxMacCapCaptioner.generate` on the export; its FLOPs are the package's, counted by the parent)."""
     device = spec["device"]
-    model = load_model(spec)
+    model = load_onnx_captioner(spec) if spec["impl"] == "onnx" else load_model(spec)
     inputs = random_inputs(model, spec["batch"])
     vocabulary = WordVocabulary(model.processor.tokenizer, model.language_model.config.vocab_size, device)
     kwargs = generate_kwargs(model, spec["candidates"], vocabulary)
@@ -308,7 +336,8 @@ def child_run(spec):
                               "lm_generate_cached": list(split.lm_generate_cached)})
     generation_peak = rss_kib("VmHWM")
     clip_tokens = [t for c in calls for t in c["clip_tokens"]]
-    flops = analytic_flops(model, spec["candidates"], statistics.mean(clip_tokens) if clip_tokens else 0)
+    flops = (None if spec["impl"] == "onnx" else
+             analytic_flops(model, spec["candidates"], statistics.mean(clip_tokens) if clip_tokens else 0))
     return {"calls": calls, "flops": flops, "rss_loaded_mb": rss_loaded / 1024,
             "peak_rss_mb": max(load_peak, generation_peak) / 1024 if peak_reset else generation_peak / 1024,
             "generation_peak_rss_mb": generation_peak / 1024 if peak_reset else None,
@@ -447,6 +476,24 @@ def report(r):
             lines.append(f"| {b['batch']} | {b['candidates']} | {b['reference_median_s']:.2f} | "
                          f"{b['reference_images_per_s']:.2f} | {b['dtype']} | {b['package_images_per_s']:.2f} | "
                          f"**{b['speedup']:.2f}x** | {b['reference_peak_rss_mb']:.0f} / {b['package_peak_rss_mb']:.0f} |")
+    if f.get("onnx"):
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in f["onnx_max_abs_diff"].items())
+        lines += ["", "ONNX Runtime (`--onnx`): the float32 model exported by `maccap export-onnx` (largest difference "
+                  f"from PyTorch per graph at export: {diffs}), `OnnxMacCapCaptioner.generate` on ONNX Runtime's CPU "
+                  "provider (intra-op threads = --threads) with the package's control flow and transformers' beam "
+                  "search, same inputs, options, warm-up and repeats, each row a fresh process beside the package's; "
+                  "FLOPs and floor as the package's row:", "",
+                  "| batch | candidates | s / call | images/s | peak RSS (MB) | x floor | package images/s "
+                  "| ONNX / package | vision | projector | decoding (LM forward) | reranking | other |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in f["onnx"]:
+            sp, m = c["split_s"], c["median_s"]
+            pct = {k: 100 * v / m for k, v in sp.items()}
+            lines.append(
+                f"| {c['batch']} | {c['candidates']} | {m:.2f} | {c['images_per_s']:.2f} | {c['peak_rss_mb']:.0f} | "
+                f"{c['ratio_to_floor']:.2f}x | {c['package_images_per_s']:.2f} | **{c['onnx_vs_package']:.2f}x** | "
+                f"{pct['vision']:.1f}% | {pct['projector']:.1f}% | {pct['decoding']:.1f}% ({pct['lm_forward']:.1f}%) | "
+                f"{pct['reranking']:.1f}% | {pct['other']:.1f}% |")
     lines += ["", "FLOPs per image (analytic; FlopCounterMode on one image in brackets):", "",
               "| candidates | vision | projector | decoding | reranking | total | decoding, least "
               "| decoding before 1f7675e |",
@@ -594,6 +641,8 @@ def main():
                              "does, as the captions the others are compared with")
     parser.add_argument("--no-baseline", action="store_true",
                         help="time the package alone, not also the reference's algorithm (reference_baseline.py)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time the ONNX Runtime captioner (maccap export-onnx) on the float32 export (cpu)")
     parser.add_argument("--matmul-size", type=int, default=None, help="square matmul for the rate (2048; cuda 8192)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generate_throughput.json")
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="'' to leave it alone")
@@ -607,7 +656,7 @@ def main():
         return
     if args.child:
         spec = json.loads(args.child)
-        result = (child_count if spec["kind"] == "count" else child_run)(spec)
+        result = {"count": child_count, "export": child_export, "run": child_run}[spec["kind"]](spec)
         Path(spec["out"]).write_text(json.dumps(result), encoding="utf-8")
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -615,6 +664,8 @@ def main():
                      f"(torch {torch.__version__})")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         parser.error("--device must be cpu or cuda[:i]")
+    if args.onnx and args.device != "cpu":
+        parser.error("--onnx times ONNX Runtime's CPU provider: use it with --device cpu")
     if min(args.batch_sizes) < 1 or min(args.candidates) < 1 or (args.repeats is not None and args.repeats < 1):
         parser.error("batch sizes, candidates and repeats must be >= 1")
     if args.threads:
@@ -644,15 +695,21 @@ def main():
             step_rates[d][rows] = {
                 "mlp": matmul_gflops(rows, hidden, settings["lm_ffn"], args.device, dtype_of(d)),
                 "lm_head": matmul_gflops(rows, hidden, settings["vocab_size"], args.device, dtype_of(d))}
-    runs, baseline_runs = [], []
+    runs, baseline_runs, onnx_runs, onnx_export = [], [], [], None
     impls = [("package", d) for d in dtypes] + ([] if args.no_baseline else [("reference", REFERENCE_DTYPE)])
+    if args.onnx:
+        base["onnx_folder"] = str(TMP / "onnx")
+        onnx_export = spawn({**base, "kind": "export", "dtype": "float32", "folder": base["onnx_folder"]})
+        print(f"ONNX export in {onnx_export['export_s']:.0f} s, largest difference from PyTorch per graph: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in onnx_export["max_abs_diff"].items()))
+        impls.append(("onnx", "float32"))
     for batch in args.batch_sizes:
         for n in candidates:
             repeats = args.repeats or (2 if batch >= 32 else 3)
             for impl, d in impls:  # alternating, same machine
                 run = spawn({**base, "kind": "run", "impl": impl, "dtype": d, "batch": batch, "candidates": n,
                              "repeats": repeats, "warmup": args.warmup})
-                (runs if impl == "package" else baseline_runs).append((batch, n, d, run))
+                {"package": runs, "reference": baseline_runs, "onnx": onnx_runs}[impl].append((batch, n, d, run))
                 times = [c["total_s"] for c in run["calls"]]
                 print(f"{impl:>9} {d:>8}: batch {batch:>3}, {n} candidate(s): {statistics.median(times):.2f} s / call "
                       f"({', '.join(f'{t:.2f}' for t in times)}), peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
@@ -663,6 +720,11 @@ def main():
     notes, verdicts = targets(configs, flop_counts)
     by_config = {(c["batch"], c["candidates"], c["dtype"]): c for c in configs}
     baseline = [side_by_side(run, by_config[batch, n, d]) for batch, n, _, run in baseline_runs for d in dtypes]
+    onnx_rows = [{"dtype": d, **summarise(run, batch, n, flop_counts[n]["analytic"], rates[d]),
+                  "package_images_per_s": by_config[batch, n, d]["images_per_s"]}
+                 for batch, n, d, run in onnx_runs]
+    for row in onnx_rows:
+        row["onnx_vs_package"] = row["images_per_s"] / row["package_images_per_s"]
     notes += baseline_targets(baseline, verdicts)
     settings.update(warmup=args.warmup, matmul_size=matmul_size)
     notes += flop_notes(flop_counts, settings)
@@ -684,7 +746,8 @@ def main():
               "figures": {"matmul_gflops": rates, "matmul_gflops_before": rates_before,
                           "matmul_gflops_after": rates_after,
                           "matmul_gflops_decoding_step": step_rates, "flop_counts": flop_counts, "configs": configs,
-                          "baseline": baseline,
+                          "baseline": baseline, "onnx": onnx_rows,
+                          "onnx_max_abs_diff": onnx_export and onnx_export["max_abs_diff"],
                           "targets": verdicts, "notes": notes}}
     publish(result, report(result), args.out, args.markdown)
 

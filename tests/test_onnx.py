@@ -1,6 +1,8 @@
 """`maccap export-onnx` and `OnnxMacCapCaptioner`: every graph against its PyTorch module, and captions (rerank on and
 off, several candidates) equal to `generate()`'s on the tiny random model, float32."""
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -37,9 +39,6 @@ def exported(saved):
     """The checkpoint exported by the command line: (export folder, its stdout)."""
     folder, _ = saved
     out = folder.parent / "maccap-tiny-onnx"
-    import contextlib
-    import io
-
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main(["export-onnx", str(folder), str(out)]) == 0
@@ -68,7 +67,8 @@ def test_cli_writes_a_self_contained_export_folder(exported, saved):
     for name in GRAPHS:
         assert (out / manifest["graphs"][name]["file"]).is_file()
         assert f"{name}: largest difference from PyTorch" in stdout
-    for name in ("config.json", "generation_config.json", "processor_config.json", "language_model/generation_config.json"):
+    for name in ("config.json", "generation_config.json", "processor_config.json",
+                 "language_model/generation_config.json"):
         assert (out / name).is_file()
     assert all((out / file).is_file() for file in manifest["files"])
     model = saved[1]
@@ -114,7 +114,8 @@ def test_vision_projector_and_clip_text_graphs_on_real_inputs(captioner, saved, 
         texts = ["a dog on the grass", "the red cat", "a"]
         tokens = model.processor.clip_text_inputs(texts)
         assert tokens["attention_mask"].min() == 0  # padded texts among them
-        (text,) = ort_run(captioner, "clip_text", input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        (text,) = ort_run(captioner, "clip_text", input_ids=tokens["input_ids"],
+                          attention_mask=tokens["attention_mask"])
         assert np.abs(text - model.embed_texts(texts).numpy()).max() <= TOLERANCE
 
 
@@ -186,8 +187,10 @@ def test_caption_helper_and_vqa_answers_equal_pytorch(captioner, saved):
 
 
 def test_a_folder_that_is_not_an_export_is_one_clear_error(saved, exported, tmp_path):
-    with pytest.raises(MacCapError, match=r"is not a MacCap ONNX export .*: missing onnx_manifest\.json, language_model/generation_config\.json$"):
-        OnnxMacCapCaptioner.from_folder(saved[0])  # a PyTorch checkpoint: config.json but no manifest
+    # A PyTorch checkpoint has config.json and the processor, not the manifest or the LM's generation defaults.
+    with pytest.raises(MacCapError, match=r"is not a MacCap ONNX export .*: missing onnx_manifest\.json, "
+                                          r"language_model/generation_config\.json$"):
+        OnnxMacCapCaptioner.from_folder(saved[0])
     with pytest.raises(MacCapError, match="no such folder"):
         OnnxMacCapCaptioner.from_folder(tmp_path / "nothing")
     partial = tmp_path / "partial"
