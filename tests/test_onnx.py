@@ -221,3 +221,26 @@ def test_each_candidate_prefix_is_prefilled_once_and_shared_by_its_beams(caption
     assert calls[0] == ("prefill_graph", (rows, queries))
     assert calls[1] == ("decode_graph", (rows * beams, 1))
     assert {name for name, _ in calls[1:]} == {"decode_graph"}
+
+
+def test_a_llama_lm_with_grouped_query_attention_exports_too(components, tmp_path, pixel_values):
+    """Not only GPT-2: a Llama-architecture LM (rotary positions, 2 key/value heads for 4 query heads), the kind
+    the demo trains."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modeling_maccap.tools.onnx_export import export_onnx
+    from modeling_maccap.tools.tiny import tiny_lm_tokenizer
+
+    tokenizer, lm_dir = tiny_lm_tokenizer(), tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 bos_token_id=0, eos_token_id=0, initializer_range=0.5)).save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    model = MacCapForConditionalGeneration.from_pretrained_components(clip=components[0], lm=str(lm_dir),
+                                                                      **TINY_MACCAP).eval()
+    manifest = export_onnx(model, tmp_path / "onnx")
+    assert max(manifest["max_abs_diff"].values()) <= TOLERANCE
+    captioner = OnnxMacCapCaptioner.from_folder(tmp_path / "onnx")
+    for kwargs in ({"num_candidates": 3}, {"rerank": False}):
+        assert torch.equal(captioner.generate(pixel_values, **kwargs), model.generate(pixel_values, **kwargs))

@@ -12,6 +12,10 @@ OUT holds six graphs, float32, with dynamic batch (and sequence) axes:
   position and the presents (past and new positions together);
 - `clip_text.onnx`: input_ids, attention_mask -> text_embeds (normalised CLIP text embeddings, for reranking).
 
+The LM graphs take what transformers 5's decoder LMs take (GPT-2, Llama, ...): inputs_embeds, attention_mask,
+position_ids, logits_to_keep and a `DynamicCache`, whose layers hold `keys` and `values` (batch, heads, sequence,
+head size).
+
 Beside them: config.json, generation_config.json, the processor's files (image processor and both tokenizers),
 language_model/generation_config.json (the LM's own generation defaults, which `generate` completes its options
 with) and onnx_manifest.json, which names the graphs, their files, inputs and outputs, and the largest difference
