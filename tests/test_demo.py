@@ -372,3 +372,51 @@ def test_the_text_only_runs_use_the_papers_method_through_maccap_train_hub_confi
         assert hub_config.training_arguments["max_steps"] == TINY.projector_steps
         saved = json.loads((folder / "work" / f"maccap-{'noise' if variance else 'no_noise'}" / "config.json").read_text())
         assert saved["train_noise_variance"] == variance
+
+
+def test_the_noise_variance_matching_the_gap_puts_a_noisy_unit_vector_as_far_from_itself_as_an_image_from_its_captions(
+        written):
+    _, results, _ = written
+    d = results["diagnostics"]
+    dim, variance = d["joint_space_dim"], d["noise_variance_matching_the_gap"]
+    assert dim == TINY.projection_dim and variance > 0
+    # Monte Carlo, independent of the formula: unit vectors, Gaussian noise of that variance, their mean cosine.
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(20000, dim))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    noisy = unit + rng.normal(scale=variance**0.5, size=unit.shape)
+    cosine = (unit * noisy).sum(1) / np.linalg.norm(noisy, axis=1)
+    assert cosine.mean() == pytest.approx(d["cos_image_paired_captions"], abs=0.02)
+
+
+def test_where_noise_hurts_the_finding_quotes_the_variance_that_would_match_the_gap():
+    results = _results({"noise injection": -0.4})
+    results["diagnostics"].update(cos_image_paired_captions=0.89, cos_caption_noisy_copy=0.70, joint_space_dim=64,
+                                  noise_variance_matching_the_gap=0.0041)
+    noise = report.findings(results)[3]
+    assert noise.startswith("Noise injection hurts here: CIDEr -0.400 [-0.420, -0.380]")
+    assert "in this 64-dimensional joint space" in noise and "is 0.0041" in noise and "the paper's 0.016" in noise
+
+
+def test_across_seeds_puts_each_seeds_estimates_beside_their_mean_and_range(tmp_path, capsys):
+    runs = []
+    for seed, (noise, distinct) in enumerate(((-0.4, 220), (0.1, 260), (-0.3, 240))):
+        results = _results({"noise injection": noise}, distinct=distinct)
+        results["settings"]["seed"] = seed
+        runs.append(results)
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(results))
+    dirs = [str(tmp_path / f"seed{seed}") for seed in range(3)]
+    assert main(["demo", "--output-dir", str(tmp_path / "summary"), "--across-seeds", *dirs]) == 0
+    table = (tmp_path / "summary" / "across_seeds.md").read_text()
+    assert table in capsys.readouterr().out
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert lines["full method: distinct captions"].endswith("| 220 | 260 | 240 | 240.0 [220.0, 260.0] |")
+    mean = np.mean([-0.4, 0.1, -0.3])
+    assert lines["effect: noise injection"].endswith(
+        f"| -0.400 [-0.420, -0.380] | 0.100 [0.080, 0.120] | -0.300 [-0.320, -0.280] | {mean:.3f} [-0.400, 0.100] |")
+    assert list(lines)[1:] == (["full method: distinct captions", "full method: CIDEr", "full method: caption_to_image_R@1"]
+                               + [f"effect: {name}" for name, *_ in EFFECTS] + list(runs[0]["gap_closed"]))
+    # A folder without a run's results is named in one error.
+    assert main(["demo", "--output-dir", str(tmp_path / "x"), "--across-seeds", dirs[0], str(tmp_path / "nothing")]) == 2
+    assert f"{tmp_path / 'nothing'}: no readable results.json" in capsys.readouterr().err
