@@ -443,7 +443,6 @@ def run(args):
     return 0
 
 
-
 def _run_across_seeds(run_dirs, output_dir):
     from ..tools.errors import MacCapError
 
