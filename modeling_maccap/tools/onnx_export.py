@@ -141,11 +141,12 @@ def example_inputs(model, batch=2, seed=0):
     }
 
 
-def graph_modules(model):
-    """name -> (module, input names, output names, dynamic shapes) for the six graphs."""
+def graph_modules(model, examples):
+    """name -> (module, input names, output names, dynamic shapes) for the six graphs; `examples` (example_inputs)
+    give the LM's number of cache layers, from the past its PyTorch prefill returned."""
     torch, Vision, ClipText, LMStep = _wrappers()
     dyn = torch.export.Dim.DYNAMIC
-    layers = len(example_inputs(model, batch=2)["lm_decode"][3]) // 2
+    layers = len(examples["lm_decode"][3]) // 2
     present, past = cache_names(layers, "present"), cache_names(layers, "past")
     batch_seq = {0: dyn, 1: dyn}
     lm_inputs = ["inputs_embeds", "attention_mask", "position_ids"]
@@ -184,7 +185,7 @@ def export_onnx(model, out, opset=OPSET, check=True):
     examples = example_inputs(model)
     graphs = {}
     with torch.no_grad():
-        for name, (module, inputs, outputs, shapes) in graph_modules(model).items():
+        for name, (module, inputs, outputs, shapes) in graph_modules(model, examples).items():
             file = f"{name}.onnx"
             torch.onnx.export(module.eval(), examples[name], str(out / file), input_names=inputs,
                               output_names=outputs, dynamic_shapes=shapes, dynamo=True, opset_version=opset,
@@ -233,7 +234,7 @@ def compare_graphs(model, folder, manifest=None, batch=3, seed=1):
     examples = example_inputs(model, batch=batch, seed=seed)
     diffs = {}
     with torch.no_grad():
-        for name, (module, inputs, outputs, _) in graph_modules(model).items():
+        for name, (module, inputs, outputs, _) in graph_modules(model, examples).items():
             args = examples[name]
             expected = module.eval()(*args)
             expected = [expected] if torch.is_tensor(expected) else list(expected)
