@@ -162,7 +162,7 @@ def test_the_floor_is_the_lms_own_caption_and_the_control_moves_every_caption_to
     # The in-context diagnostic: after a scene's first reference, BOS and "a large", the LM's likeliest colour.
     from modeling_maccap.demo import world
 
-    right = 0
+    right = shape_right = 0
     for i in range(TINY.test_scenes):
         scene = world.sample_scene(TINY.seed, "test", i)
         context = tokenizer(f"<|endoftext|>{data['references'][str(i)][0]}<|endoftext|>a large")["input_ids"]
@@ -170,7 +170,15 @@ def test_the_floor_is_the_lms_own_caption_and_the_control_moves_every_caption_to
             logits = lm(input_ids=torch.tensor([context])).logits[0, -1]
         colours = {colour: logits[tokenizer(" " + colour)["input_ids"][0]] for colour in world.COLOURS}
         right += max(colours, key=colours.get) == scene.salient.colour
+        # Then, after "a large <the salient colour>", the likeliest shape.
+        context = tokenizer(f"<|endoftext|>{data['references'][str(i)][0]}<|endoftext|>a large "
+                            f"{scene.salient.colour}")["input_ids"]
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([context])).logits[0, -1]
+        shapes = {shape: logits[tokenizer(" " + shape)["input_ids"][0]] for shape in world.SHAPES}
+        shape_right += max(shapes, key=shapes.get) == scene.salient.shape
     assert results["diagnostics"]["lm_copies_salient_colour"] == right / TINY.test_scenes
+    assert results["diagnostics"]["lm_copies_salient_shape"] == shape_right / TINY.test_scenes
     # And after "a <colour> <shape> in the <position>", BOS and "a <colour> <shape> in the": the likeliest position,
     # by the whole sequence's log-likelihood (its context is the same for every position).
     right = 0
@@ -283,6 +291,7 @@ def _results(effects, distinct=300, n=500, cider=None):
                        "noise injection closes of the modality gap": est(0.4)},
         "diagnostics": {"loss_lm_alone": 0.9, "loss_oracle_prefix": 0.4, "loss_image_prefix": 0.6,
                         "lm_copies_salient_colour": 0.95, "chance_colour": 1 / 6,
+                        "lm_copies_salient_shape": 0.9, "chance_shape": 1 / 3,
                         "lm_copies_salient_position": 0.3, "clip_names_salient_position": 0.6, "chance_position": 0.25,
                         "loss_image_prefix_upper_bound": 0.5, "train_noise_variance": 0.016,
                         "cos_image_paired_captions": 0.3, "cos_caption_noisy_copy": 0.7,

@@ -142,9 +142,10 @@ def _caption_to_image_hits(model, captions, image_embeds):
 
 
 def _lm_copies_salient(model, test):
-    """The frozen LM's in-context use, which is what lets a prefix steer it, as two rates over the held-out scenes.
-    Colour: given the scene's first reference caption as context, then BOS and "a large", how often the LM's
-    likeliest colour is the salient object's. Position: given "a <colour> <shape> in the <position>" of the salient
+    """The frozen LM's in-context use, which is what lets a prefix steer it, as three rates over the held-out
+    scenes. Colour: given the scene's first reference caption as context, then BOS and "a large", how often the LM's
+    likeliest colour is the salient object's; shape: the same context, then "a large <that colour>", how often its
+    likeliest shape is the salient object's. Position: given "a <colour> <shape> in the <position>" of the salient
     object, then BOS and "a <colour> <shape> in the", how often its likeliest of the four positions (by the summed
     log-probability of the position's words) is that position."""
     import torch
@@ -153,21 +154,25 @@ def _lm_copies_salient(model, test):
     bos = lm.config.bos_token_id
     colours, positions = list(world.COLOURS), list(world.POSITIONS)
     colour_ids = [tokenizer(" " + colour)["input_ids"][0] for colour in colours]
+    shape_ids = [tokenizer(" " + shape)["input_ids"][0] for shape in world.SHAPES]
     position_ids = [tokenizer(" " + position)["input_ids"] for position in positions]
-    colour_right = position_right = 0
+    colour_right = shape_right = position_right = 0
     with torch.no_grad():
         for scene, captions in test:
             s = scene.salient
             context = [bos] + tokenizer(captions[0])["input_ids"] + [bos] + tokenizer("a large")["input_ids"]
             logits = lm(input_ids=torch.tensor([context])).logits[0, -1]
             colour_right += colours[int(logits[colour_ids].argmax())] == s.colour
+            context += tokenizer(" " + s.colour)["input_ids"]
+            logits = lm(input_ids=torch.tensor([context])).logits[0, -1]
+            shape_right += world.SHAPES[int(logits[shape_ids].argmax())] == s.shape
             context = ([bos] + tokenizer(f"{s.phrase(False)} in the {s.position}")["input_ids"] + [bos]
                        + tokenizer(f"{s.phrase(False)} in the")["input_ids"])
             rows = torch.tensor([context + ids for ids in position_ids])  # every position is two words
             logprobs = lm(input_ids=rows).logits.log_softmax(-1)[:, len(context) - 1:-1]
             scores = logprobs.gather(-1, rows[:, len(context):, None]).sum((1, 2))
             position_right += positions[int(scores.argmax())] == s.position
-    return colour_right / len(test), position_right / len(test)
+    return colour_right / len(test), shape_right / len(test), position_right / len(test)
 
 
 def _clip_names_salient_position(model, test, image_embeds):
@@ -215,12 +220,14 @@ def _diagnostics(models, test, pixel_values, sub):
     image_embeds = sub.image_embeds.numpy()
     cos_gap = (sub.image_embeds.unsqueeze(1) * text).sum(-1).mean().item()
     dim = text.shape[-1]
-    copies_colour, copies_position = _lm_copies_salient(model, test)
+    copies_colour, copies_shape, copies_position = _lm_copies_salient(model, test)
     diagnostics = {
         "train_noise_variance": model.config.train_noise_variance,
         **losses,
         "lm_copies_salient_colour": copies_colour,
         "chance_colour": 1 / len(world.COLOURS),
+        "lm_copies_salient_shape": copies_shape,
+        "chance_shape": 1 / len(world.SHAPES),
         "lm_copies_salient_position": copies_position,
         "clip_names_salient_position": _clip_names_salient_position(model, test, sub.image_embeds),
         "chance_position": 1 / len(world.POSITIONS),
