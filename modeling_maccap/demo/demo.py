@@ -160,12 +160,11 @@ def _lm_copies_salient(model, test):
     with torch.no_grad():
         for scene, captions in test:
             s = scene.salient
-            context = [bos] + tokenizer(captions[0])["input_ids"] + [bos] + tokenizer("a large")["input_ids"]
-            logits = lm(input_ids=torch.tensor([context])).logits[0, -1]
-            colour_right += colours[int(logits[colour_ids].argmax())] == s.colour
-            context += tokenizer(" " + s.colour)["input_ids"]
-            logits = lm(input_ids=torch.tensor([context])).logits[0, -1]
-            shape_right += world.SHAPES[int(logits[shape_ids].argmax())] == s.shape
+            context = ([bos] + tokenizer(captions[0])["input_ids"] + [bos] + tokenizer("a large")["input_ids"]
+                       + tokenizer(" " + s.colour)["input_ids"])
+            logits = lm(input_ids=torch.tensor([context])).logits[0]  # causal: [-2] sees "a large", [-1] the colour
+            colour_right += colours[int(logits[-2, colour_ids].argmax())] == s.colour
+            shape_right += world.SHAPES[int(logits[-1, shape_ids].argmax())] == s.shape
             context = ([bos] + tokenizer(f"{s.phrase(False)} in the {s.position}")["input_ids"] + [bos]
                        + tokenizer(f"{s.phrase(False)} in the")["input_ids"])
             rows = torch.tensor([context + ids for ids in position_ids])  # every position is two words
