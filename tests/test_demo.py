@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPModel
 from transformers.utils import logging as hf_logging
 
 from modeling_maccap import MacCapConfig
-from modeling_maccap.demo import demo
+from modeling_maccap.demo import components, demo, world
 from modeling_maccap.tools import evaluation
 from modeling_maccap.tools.cli import main
 from modeling_maccap.demo import report
@@ -104,6 +104,22 @@ def test_every_setting_is_scored_as_pycocoevalcap_scores_its_captions(written, p
         assert results["rows"][row]["BLEU-4"] == pytest.approx(expected["BLEU-4"])
         assert results["rows"][row]["CIDEr"]["value"] == pytest.approx(expected["CIDEr"])
         assert results["rows"][row]["distinct_captions"] == len(set(data["predictions"][row].values()))
+        # The salient-word shares, from the captions read by the world grammar's regular expression.
+        right = {"colour": [], "shape": [], "position": []}
+        for i, caption in data["predictions"][row].items():
+            salient = world.sample_scene(TINY.seed, "test", int(i)).salient
+            colour = re.search(r"\b(red|green|blue|yellow|white|purple)\b", caption)
+            shape = re.search(r"\b(circle|square|triangle)\b", caption)
+            position = re.search(r"\b((?:top|bottom) (?:left|right))\b", caption)
+            right["colour"].append(colour is not None and colour[1] == salient.colour)
+            right["shape"].append(shape is not None and shape[1] == salient.shape)
+            if position:
+                right["position"].append(position[1] == salient.position)
+        shares = results["rows"][row]["salient_words_right"]
+        assert shares["colour"] == pytest.approx(np.mean(right["colour"]))
+        assert shares["shape"] == pytest.approx(np.mean(right["shape"]))
+        assert shares["names_a_position"] == pytest.approx(len(right["position"]) / TINY.test_scenes)
+        assert shares["position"] == (pytest.approx(np.mean(right["position"])) if right["position"] else None)
 
 
 def test_each_effect_is_the_mean_per_image_cider_difference_inside_its_interval(written, pycocoevalcap_scores):
@@ -129,8 +145,6 @@ def test_caption_to_image_recall_is_the_demo_clips_own_ranking(written):
     from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(folder / "work" / "clip")
-    from modeling_maccap.demo import world
-
     images = [world.sample_scene(TINY.seed, "test", i).render(TINY.image_size) for i in range(TINY.test_scenes)]
     with torch.no_grad():
         image = clip.get_image_features(**processor(images, return_tensors="pt")).pooler_output
@@ -160,8 +174,6 @@ def test_the_floor_is_the_lms_own_caption_and_the_control_moves_every_caption_to
     own = tokenizer.decode(ids[0, 1:], skip_special_tokens=True).strip()
     assert set(predictions["floor: LM without prefix"].values()) == {own.split("\n")[0].strip()}
     # The in-context diagnostic: after a scene's first reference, BOS and "a large", the LM's likeliest colour.
-    from modeling_maccap.demo import world
-
     right = shape_right = 0
     for i in range(TINY.test_scenes):
         scene = world.sample_scene(TINY.seed, "test", i)
@@ -206,6 +218,10 @@ def test_results_markdown_plots_and_contact_sheet_show_every_setting(written):
     for row in ROW_NAMES:
         cider = results["rows"][row]["CIDEr"]
         assert f"| {row} | {cider['value']:.3f} [{cider['low']:.3f}, {cider['high']:.3f}] |" in markdown
+        words = results["rows"][row]["salient_words_right"]
+        position = "-" if words["position"] is None else f"{words['position']:.0%}"
+        assert (f"| {words['colour']:.0%} / {words['shape']:.0%} / {position} ({words['names_a_position']:.0%}) |"
+                in markdown.split(f"| {row} |")[1].splitlines()[0])
     assert all(finding in markdown for finding in results["findings"])
     for plot in ("ablations.png", "modality_gap.png"):
         assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -220,8 +236,6 @@ def test_results_markdown_plots_and_contact_sheet_show_every_setting(written):
 
 # ------------------------------------------------------------------------------------ the report's statistics
 def test_a_clip_batch_is_groups_of_distinct_scenes_that_share_the_salient_colour_and_shape():
-    from modeling_maccap.demo import components, world
-
     scenes = world.sample_part(0, "clip", 300, 5)
     rows = components._hard_negative_batch(scenes, 64, 4, np.random.default_rng(0))
     assert len(rows) == 64 and len(set(rows.tolist())) == 64
@@ -232,9 +246,17 @@ def test_a_clip_batch_is_groups_of_distinct_scenes_that_share_the_salient_colour
     assert len(set(components._hard_negative_batch(scenes, 64, 1, np.random.default_rng(0)).tolist())) == 64
 
 
-def test_the_clip_position_embeddings_start_as_2d_sine_cosine_of_the_patch_row_and_column(tmp_path):
-    from modeling_maccap.demo import components
+def test_the_demo_lm_is_a_llama_of_the_settings_width_depth_and_heads(tmp_path):
+    settings = dataclasses.replace(TINY, lm_width=32, lm_layers=1, lm_heads=2, lm_steps=1, batch_size=2)
+    scenes = world.sample_part(settings.seed, "text", 4, settings.captions_per_scene)
+    folder = components.lm_folder(settings, scenes, tmp_path / "lm", log=lambda line: None)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
+            config["num_key_value_heads"]) == (32, 1, 2, 2)
 
+
+def test_the_clip_position_embeddings_start_as_2d_sine_cosine_of_the_patch_row_and_column(tmp_path):
     grid, width = 4, 16
     got = components._grid_position_embeddings(grid, width)
     assert got.shape == (1 + grid * grid, width) and not got[0].any()  # the CLS token has none
@@ -283,7 +305,9 @@ def _results(effects, distinct=300, n=500, cider=None):
         return {"value": value, "low": value - half, "high": value + half}
 
     rows = {row: {"CIDEr": est((cider or {}).get(row, 0.5)), "BLEU-4": 0.2, "distinct_captions": distinct,
-                  "caption_to_image_R@1": est(0.1)} for row in ROW_NAMES}
+                  "caption_to_image_R@1": est(0.1),
+                  "salient_words_right": {"colour": 0.5, "shape": 0.8, "position": 0.9, "names_a_position": 0.7}}
+            for row in ROW_NAMES}
     return {
         "settings": {"test_scenes": n, "seed": 0, "captions_per_scene": 5, "bootstrap_samples": 100},
         "rows": rows, "components": {name: est(effects.get(name, 0.3)) for name, *_ in EFFECTS},
@@ -347,7 +371,6 @@ def test_the_projectors_differ_only_in_what_the_ablation_changes(demo_runs):
 
 
 def test_the_upper_bound_is_taught_each_caption_from_its_own_scenes_image_as_generate_sees_it(demo_runs):
-    from modeling_maccap.demo import components
     from modeling_maccap.modeling_maccap import MacCapForConditionalGeneration
 
     folder, _ = demo_runs[0]
@@ -424,7 +447,9 @@ def test_across_seeds_puts_each_seeds_estimates_beside_their_mean_and_range(tmp_
     mean = np.mean([-0.4, 0.1, -0.3])
     assert lines["effect: noise injection"].endswith(
         f"| -0.400 [-0.420, -0.380] | 0.100 [0.080, 0.120] | -0.300 [-0.320, -0.280] | {mean:.3f} [-0.400, 0.100] |")
+    assert lines["full method: salient colour right"].endswith("| 0.50 | 0.50 | 0.50 | 0.50 [0.50, 0.50] |")
     assert list(lines)[1:] == (["full method: distinct captions", "full method: CIDEr", "full method: caption_to_image_R@1"]
+                               + [f"full method: salient {word} right" for word in ("colour", "shape", "position")]
                                + [f"effect: {name}" for name, *_ in EFFECTS] + list(runs[0]["gap_closed"]))
     # A folder without a run's results is named in one error.
     assert main(["demo", "--output-dir", str(tmp_path / "x"), "--across-seeds", dirs[0], str(tmp_path / "nothing")]) == 2

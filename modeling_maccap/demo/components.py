@@ -134,7 +134,8 @@ def lm_folder(settings, scenes, folder, log):
     torch.manual_seed(settings.seed)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=settings.lm_width, intermediate_size=4 * settings.lm_width,
-        num_hidden_layers=settings.lm_layers, num_attention_heads=4, num_key_value_heads=4,
+        num_hidden_layers=settings.lm_layers, num_attention_heads=settings.lm_heads,
+        num_key_value_heads=settings.lm_heads,
         max_position_embeddings=256, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True))
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lm_learning_rate, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, settings.lm_steps // 20, settings.lm_steps)

@@ -142,18 +142,27 @@ def findings(results):
     return out
 
 
+def _words_right(shares):
+    position = "-" if shares["position"] is None else f"{shares['position']:.0%}"
+    return f"{shares['colour']:.0%} / {shares['shape']:.0%} / {position} ({shares['names_a_position']:.0%})"
+
+
 def results_markdown(results):
     settings = results["settings"]
     lines = ["# maccap demo: MacCap on a synthetic world", "",
              f"Seed {settings['seed']}; {settings['test_scenes']} held-out images, {settings['captions_per_scene']} "
              f"reference captions each; BLEU-4 and CIDEr from pycocoevalcap ({results['metric_scale']}); "
              f"[low, high] is a 95% bootstrap interval over images ({settings['bootstrap_samples']} resamples).", "",
-             "| setting | CIDEr | BLEU-4 | distinct captions | caption->image R@1 | what changes |",
-             "|---|---|---|---|---|---|"]
+             "| setting | CIDEr | BLEU-4 | distinct captions | caption->image R@1 | salient colour / shape / position "
+             "right | what changes |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in results["rows"].items():
         lines.append(f"| {name} | {_ci(row['CIDEr'])} | {row['BLEU-4']:.3f} | {row['distinct_captions']} | "
-                     f"{_ci(row['caption_to_image_R@1'])} | {results['descriptions'][name]} |")
-    lines += ["", f"Chance R@1: {1 / settings['test_scenes']:.3f}.", "",
+                     f"{_ci(row['caption_to_image_R@1'])} | {_words_right(row['salient_words_right'])} | "
+                     f"{results['descriptions'][name]} |")
+    lines += ["", f"Chance R@1: {1 / settings['test_scenes']:.3f}. Salient words: the share of captions naming their "
+              "image's salient colour, shape and position rightly (the position of those naming one; in brackets "
+              "the share naming one).", "",
               "| effect (CIDEr difference) | estimate [95% interval] |", "|---|---|"]
     lines += [f"| {name} | {_ci(effect)} |" for name, effect in results["components"].items()]
     lines += [f"| {name} (fraction) | {_ci(value, 2)} |" for name, value in results["gap_closed"].items()]
@@ -188,6 +197,10 @@ def across_seeds(runs):
     for name in ("CIDEr", "caption_to_image_R@1"):
         estimates = [run["rows"]["full method"][name] for run in runs]
         line(f"full method: {name}", [e["value"] for e in estimates], [_ci(e) for e in estimates])
+    for word in ("colour", "shape", "position"):
+        shares = [run["rows"]["full method"]["salient_words_right"][word] for run in runs]
+        shares = [np.nan if share is None else share for share in shares]
+        line(f"full method: salient {word} right", shares, [f"{share:.2f}" for share in shares], 2)
     for name in runs[0]["components"]:
         estimates = [run["components"][name] for run in runs]
         line(f"effect: {name}", [e["value"] for e in estimates], [_ci(e) for e in estimates])

@@ -133,6 +133,19 @@ def sample_part(seed, part, count, captions_per_scene):
     return out
 
 
+def salient_words_named(caption, scene):
+    """Whether `caption` names the scene's salient object's colour, shape and position rightly, read from its first
+    colour word, first shape word and first position (every caption of this world names the salient object first):
+    {"colour": bool, "shape": bool, "position": bool, or None where the caption names no position}."""
+    words = caption.split()
+    colour = next((w for w in words if w in COLOURS), None)
+    shape = next((w for w in words if w in SHAPES), None)
+    position = next((p for p in map(" ".join, zip(words, words[1:])) if p in POSITIONS), None)
+    s = scene.salient
+    return {"colour": colour == s.colour, "shape": shape == s.shape,
+            "position": None if position is None else position == s.position}
+
+
 def vocabulary():
     """Every word a caption can use."""
     words = {"a", "and", "in", "the", "on", "background"} | set(SHAPES) | set(COLOURS) | set(SIZES)
