@@ -72,8 +72,8 @@ class DemoSettings:
     lm_width: int = 64
     lm_layers: int = 2
     # Which of the colour, shape and position the LM learns to copy in 600 steps is chaotic: it changes with the seed,
-    # the width, the heads and even the thread count (README, "Why seeds 1 and 2 fail"); this setting copies all three
-    # on seed 0 at 2 threads.
+    # the width, the heads and even the thread count (README, "Why results change with the seed, the CPU and the
+    # thread count"); these settings copy all three on seed 0 at 2 threads, on the AMD and the Intel machine.
     lm_heads: int = 4
     lm_steps: int = 600
     lm_document_captions: int = 8  # captions of one scene per pretraining document, drawn with replacement
@@ -150,7 +150,8 @@ def _salient_words_right(captions, test):
     position rightly (the position among those naming one; None if none does), and the share naming a position."""
     named = [world.salient_words_named(caption, scene) for caption, (scene, _) in zip(captions, test)]
     positions = [n["position"] for n in named if n["position"] is not None]
-    return {"colour": float(np.mean([n["colour"] for n in named])), "shape": float(np.mean([n["shape"] for n in named])),
+    return {"colour": float(np.mean([n["colour"] for n in named])),
+            "shape": float(np.mean([n["shape"] for n in named])),
             "position": float(np.mean(positions)) if positions else None,
             "names_a_position": len(positions) / len(named)}
 
