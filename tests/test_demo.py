@@ -432,9 +432,10 @@ def test_where_noise_hurts_the_finding_quotes_the_variance_that_would_match_the_
 
 def test_across_seeds_puts_each_seeds_estimates_beside_their_mean_and_range(tmp_path, capsys):
     runs = []
-    for seed, (noise, distinct) in enumerate(((-0.4, 220), (0.1, 260), (-0.3, 240))):
+    for seed, (noise, distinct, position) in enumerate(((-0.4, 220, 0.9), (0.1, 260, None), (-0.3, 240, 0.6))):
         results = _results({"noise injection": noise}, distinct=distinct)
         results["settings"]["seed"] = seed
+        results["rows"]["full method"]["salient_words_right"]["position"] = position  # None: no caption names one
         runs.append(results)
         (tmp_path / f"seed{seed}").mkdir()
         (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(results))
@@ -448,6 +449,7 @@ def test_across_seeds_puts_each_seeds_estimates_beside_their_mean_and_range(tmp_
     assert lines["effect: noise injection"].endswith(
         f"| -0.400 [-0.420, -0.380] | 0.100 [0.080, 0.120] | -0.300 [-0.320, -0.280] | {mean:.3f} [-0.400, 0.100] |")
     assert lines["full method: salient colour right"].endswith("| 0.50 | 0.50 | 0.50 | 0.50 [0.50, 0.50] |")
+    assert lines["full method: salient position right"].endswith("| 0.90 | n/a | 0.60 | 0.75 [0.60, 0.90] |")
     assert list(lines)[1:] == (["full method: distinct captions", "full method: CIDEr", "full method: caption_to_image_R@1"]
                                + [f"full method: salient {word} right" for word in ("colour", "shape", "position")]
                                + [f"effect: {name}" for name, *_ in EFFECTS] + list(runs[0]["gap_closed"]))

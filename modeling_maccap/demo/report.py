@@ -189,8 +189,10 @@ def across_seeds(runs):
              "|---" * (len(seeds) + 2) + "|"]
 
     def line(name, values, cells, digits=3):
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean(values):.{digits}f} "
-                     f"[{np.min(values):.{digits}f}, {np.max(values):.{digits}f}] |")
+        present = [value for value in values if value is not None]  # a share of no caption is None, never a number
+        summary = (f"{np.mean(present):.{digits}f} [{np.min(present):.{digits}f}, {np.max(present):.{digits}f}]"
+                   if present else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary} |")
 
     distinct = [run["rows"]["full method"]["distinct_captions"] for run in runs]
     line("full method: distinct captions", distinct, [str(v) for v in distinct], 1)
@@ -199,8 +201,8 @@ def across_seeds(runs):
         line(f"full method: {name}", [e["value"] for e in estimates], [_ci(e) for e in estimates])
     for word in ("colour", "shape", "position"):
         shares = [run["rows"]["full method"]["salient_words_right"][word] for run in runs]
-        shares = [np.nan if share is None else share for share in shares]
-        line(f"full method: salient {word} right", shares, [f"{share:.2f}" for share in shares], 2)
+        line(f"full method: salient {word} right", shares,
+             ["n/a" if share is None else f"{share:.2f}" for share in shares], 2)
     for name in runs[0]["components"]:
         estimates = [run["components"][name] for run in runs]
         line(f"effect: {name}", [e["value"] for e in estimates], [_ci(e) for e in estimates])
