@@ -94,6 +94,8 @@ def model_card(hub_config, repo_id, eval_results=(), num_projector_parameters=No
                              for name, value in e["metrics"].items()])
     else:
         evaluation = "This checkpoint was published without an evaluation results file; no scores are claimed."
+    from .recipes import recipe_paragraph
+
     trained = "the projector and the LM" if hub_config.finetune_lm else "only the projector (CLIP and the LM frozen)"
     projector = f" ({num_projector_parameters:,} parameters)" if num_projector_parameters else ""
     demo = (f"\n\nTry it in the browser: [the {space_id} Space](https://huggingface.co/spaces/{space_id}), a "
@@ -140,9 +142,7 @@ captioner("photo.jpg", prompt=question, generate_kwargs={{"num_beams": 5}})
 
 ## Training recipe
 
-Text only: {trained} trained on {corpus}, with CLIP text embeddings as the condition. Reproduce it with the
-`maccap` package (`maccap train --hub-config {hub_config.path.name}`); captions are cut at
-{hub_config.max_caption_length} LM tokens.
+{recipe_paragraph(hub_config, corpus, trained)}
 
 Method settings (`MacCapConfig`):
 

@@ -335,6 +335,9 @@ def add_parser(commands):
                                                  "cache, HF_DATASETS_CACHE/maccap_text_features)")
     fit.add_argument("--push-to-hub", metavar="ORG/NAME", help="when done, stage the model (card included) and push "
                                                                "it as `maccap upload` does")
+    from .recipes import add_arguments
+
+    add_arguments(fit)  # --recipe, --pairs, --images, --init-from, --recipe-set
     fit.set_defaults(run=run)
     return fit
 
@@ -367,6 +370,11 @@ def run(args):
         check_training_arguments("--set", arguments)
         hub_config = dataclasses.replace(hub_config, training_arguments=arguments)
     output_dir = args.output_dir or Path("checkpoints") / hub_config.repo_id.split("/")[-1]
+    from . import recipes
+
+    recipe = recipes.recipe_from_arguments(args, hub_config)
+    if recipe is not None:  # supervised or clip-reward: the recipes that see images
+        return recipes.run(args, hub_config, output_dir, recipe)
     train(hub_config, output_dir, clip=args.clip, lm=args.lm, max_steps=args.max_steps, precision=args.precision,
           finetune_lm=args.finetune_lm or None, resume=args.resume, feature_cache=not args.no_feature_cache,
           cache_dir=args.feature_cache_dir, push_to_hub=args.push_to_hub)
