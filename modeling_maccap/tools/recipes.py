@@ -310,7 +310,8 @@ def recipe_paragraph(hub_config, corpus, trained):
     """The model card's account of the recipe and data that made the checkpoint (`hub.model_card`)."""
     reproduce = (f"Reproduce it with the `maccap` package (`maccap train --hub-config {hub_config.path.name}`); "
                  f"captions are cut at {hub_config.max_caption_length} LM tokens.")
-    recipe = recipe_from_dict(hub_config.recipe) if hub_config.recipe else RecipeSettings()
+    recipe = (recipe_from_dict(hub_config.recipe, relative_to=hub_config.path.parent) if hub_config.recipe
+              else RecipeSettings())
     if recipe.name == "text":
         return (f"Text only: {trained} trained on {corpus}, with CLIP text embeddings as the condition. "
                 + reproduce)
