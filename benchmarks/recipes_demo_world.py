@@ -11,9 +11,11 @@ reranking computes it, which is also the reward: an in-domain, hackable score), 
 measures: the share of captions the world's grammar accepts (the forms of `Scene.caption_choices()`) and the
 frozen LM's own loss on them (nats per token). Intervals: 95% percentile bootstrap over the held-out images.
 
-    python benchmarks/recipes_demo_world.py [--demo-dir RUN] [--rl-steps 150] [--out benchmarks/results]
+    python benchmarks/recipes_demo_world.py [--demo-dir RUN] [--work-dir DIR] [--rl-steps 300] [--rl-lr 1e-3]
+        [--out benchmarks/results] [--name recipes_demo_world]
 
-Writes recipes_demo_world.json and recipes_demo_world.md to --out.
+Writes NAME.json and NAME.md to --out. Run on one thread by default (--threads): on a shared 2-core machine two
+threads ran a training step 25x slower than one.
 """
 
 import argparse
@@ -152,7 +154,10 @@ def run(args, log=print):
     test, test_images = world_part(settings, "test")
     if args.demo_dir:  # a finished `maccap demo` run at these settings: its CLIP, LM and text-only projector
         demo_work = Path(args.demo_dir) / "work"
-        clip, lm, text_only = str(demo_work / "clip"), str(demo_work / "lm"), str(demo_work / "maccap-noise")
+        clip, lm = str(demo_work / "clip"), str(demo_work / "lm")
+        # `maccap demo`'s text-only model, or the one an earlier run of this script trained
+        text_only = str(demo_work / "maccap-noise") if (demo_work / "maccap-noise").is_dir() else str(
+            demo_work / "text-only")
         captions_file = demo_work / "text_captions.json"
     else:
         t = time.perf_counter()
@@ -227,7 +232,7 @@ def run(args, log=print):
         "settings": {"demo": "DemoSettings defaults (seed %d)" % args.seed, "labelled_scenes": labelled,
                      "labelled_pairs": labelled * settings.captions_per_scene,
                      "unlabelled_images": len(text_scenes) - labelled, "test_images": len(test),
-                     **{k: v for k, v in vars(args).items() if k not in ("out", "work_dir")}},
+                     **{k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "name")}},
         "test_images": len(test),
         "timings_s": timings,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -236,8 +241,8 @@ def run(args, log=print):
     })
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipes_demo_world.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "recipes_demo_world.md").write_text(markdown(results), encoding="utf-8")
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / f"{args.name}.md").write_text(markdown(results), encoding="utf-8")
     log(markdown(results))
     log(json.dumps(timings))
     return results
@@ -251,7 +256,7 @@ def parse_args(argv=None):
     parser.add_argument("--labelled-fraction", type=float, default=0.02)
     parser.add_argument("--supervised-steps", type=int, default=100)
     parser.add_argument("--supervised-lr", type=float, default=1e-3)
-    parser.add_argument("--rl-steps", type=int, default=150)
+    parser.add_argument("--rl-steps", type=int, default=300)
     parser.add_argument("--rl-batch-size", type=int, default=32)
     parser.add_argument("--rl-lr", type=float, default=1e-3)
     parser.add_argument("--num-samples", type=int, default=4)
@@ -259,6 +264,7 @@ def parse_args(argv=None):
     parser.add_argument("--guard-supervised-weight", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--name", default="recipes_demo_world", help="file stem of the results in --out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     return args

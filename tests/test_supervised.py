@@ -16,7 +16,7 @@ from modeling_maccap import MacCapForConditionalGeneration
 from modeling_maccap.tools import recipes
 from modeling_maccap.tools.cli import main
 from modeling_maccap.tools.errors import MacCapError
-from modeling_maccap.tools.hub import model_card
+from modeling_maccap.tools.hub import model_card, stage
 from modeling_maccap.tools.hub_config import load_hub_config
 from modeling_maccap.tools.pairs import load_image_folder, load_pairs
 from modeling_maccap.tools.tiny import TINY_MACCAP
@@ -127,6 +127,11 @@ def test_the_projector_learns_each_image_s_own_caption_and_the_folder_loads(tmp_
         assert torch.equal(value, initial[name]) != name.startswith("projector."), name
     assert json.loads((out / "recipe.json").read_text())["pairs"] == str(tmp_path / "pairs.jsonl")
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+
+    # Staged with a hub config that names no recipe, the card still says which recipe and data made it.
+    staged = stage(out, load_hub_config(hub_config), tmp_path / "staging")
+    card = (staged / "README.md").read_text()
+    assert "Recipe `supervised`" in card and "labelled (image, caption) pairs from `pairs.jsonl`" in card
 
     remote = AutoModel.from_pretrained(out, trust_remote_code=True)
     assert type(remote).__name__ == "MacCapForConditionalGeneration"

@@ -233,6 +233,11 @@ def stage(checkpoint_dir, hub_config, staging_dir, repo_id=None, eval_results=No
     file path (see `read_eval_results`)."""
     model = _load_checkpoint(checkpoint_dir)
     _check_matches(model, hub_config)
+    recipe_file = Path(checkpoint_dir) / "recipe.json"  # written by `maccap train --recipe supervised|clip-reward`
+    if not hub_config.recipe and recipe_file.is_file():
+        import dataclasses
+
+        hub_config = dataclasses.replace(hub_config, recipe=read_json(recipe_file, "recipe file"))
     results = read_eval_results(eval_results) if eval_results else []
     staging_dir = _prepare_staging_dir(staging_dir)
     model.save_pretrained(staging_dir, max_shard_size=max_shard_size)
