@@ -191,3 +191,20 @@ def test_the_hub_config_names_the_recipe_and_the_card_says_it(tmp_path, pair_row
     path.write_text(json.dumps(data))
     with pytest.raises(MacCapError, match="training.recipe: the supervised recipe needs pairs"):
         load_hub_config(path)
+
+
+def test_train_runs_the_recipe_its_hub_config_names(tmp_path, components, pair_rows):
+    """`training.train` (what `maccap train` runs without --recipe) follows training.recipe: 4 pairs, batch 2,
+    2 steps, one epoch over the pairs; the hub config's relative paths are taken from its folder."""
+    from modeling_maccap.tools.training import train
+
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in pair_rows))
+    path = write_hub_config(tmp_path, eval_strategy="no", per_device_train_batch_size=2)
+    data = json.loads(path.read_text())
+    data["training"]["recipe"] = {"name": "supervised", "pairs": "pairs.jsonl"}
+    path.write_text(json.dumps(data))
+    out = train(path, tmp_path / "out", clip=components[0], lm=components[1], max_steps=2)
+    assert json.loads((out / "recipe.json").read_text())["pairs"] == str(tmp_path / "pairs.jsonl")
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["log_history"][-1]["epoch"] == 1.0
+    assert all("supervised" in entry for entry in state["log_history"] if "loss" in entry)

@@ -229,7 +229,7 @@ def _starting_model(recipe, hub_config, clip, lm, finetune_lm):
 
 
 def train_recipe(hub_config, output_dir, recipe, *, clip=None, lm=None, max_steps=None, precision="auto",
-                 finetune_lm=None, resume=False, feature_cache=True, cache_dir=None, callbacks=None):
+                 finetune_lm=None, resume=False, feature_cache=True, cache_dir=None, push_to_hub=None, callbacks=None):
     """`training.train` for the supervised and clip-reward recipes (`recipe`, a `RecipeSettings`): the same
     arguments, checks and output folder. Returns the output folder."""
     from transformers import TrainingArguments, set_seed
@@ -246,6 +246,12 @@ def train_recipe(hub_config, output_dir, recipe, *, clip=None, lm=None, max_step
     if not resume and checkpoint is not None:
         raise MacCapError(f"{output_dir} already holds {Path(checkpoint).name}: pass --resume to continue that "
                           "run, or choose another --output-dir")
+    if push_to_hub:
+        from huggingface_hub import get_token
+
+        if get_token() is None:  # before the run, not after hours of it
+            raise MacCapError(f"--push-to-hub {push_to_hub}: no Hugging Face token; set HF_TOKEN or run "
+                              "`hf auth login`")
     arguments = dict(hub_config.training_arguments)
     if max_steps is not None:
         arguments["max_steps"] = max_steps
@@ -297,6 +303,13 @@ def train_recipe(hub_config, output_dir, recipe, *, clip=None, lm=None, max_step
         (output_dir / "training_args.bin").unlink(missing_ok=True)
         (output_dir / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
         (output_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2), encoding="utf-8")
+        if push_to_hub:
+            from .hub import push, stage
+
+            staging_dir = output_dir.parent / f"{output_dir.name}-hub-staging"
+            stage(output_dir, hub_config, staging_dir, repo_id=push_to_hub)
+            url = push(staging_dir, push_to_hub, exist_ok=True)
+            logger.warning(f"pushed {output_dir} to {push_to_hub}: {url}")
     return output_dir
 
 
@@ -378,21 +391,10 @@ def recipe_from_arguments(args, hub_config):
 
 def run(args, hub_config, output_dir, recipe):
     """`maccap train` with a supervised or clip-reward `recipe` (`training.run` dispatches here)."""
-    if args.push_to_hub:
-        from huggingface_hub import get_token
-
-        if get_token() is None:
-            raise MacCapError(f"--push-to-hub {args.push_to_hub}: no Hugging Face token; set HF_TOKEN or run "
-                              "`hf auth login`")
     hub_config = dataclasses.replace(hub_config, recipe=dataclasses.asdict(recipe))  # the card names this run's
-    output_dir = train_recipe(hub_config, output_dir, recipe, clip=args.clip, lm=args.lm, max_steps=args.max_steps,
-                              precision=args.precision, finetune_lm=args.finetune_lm or None, resume=args.resume,
-                              feature_cache=not args.no_feature_cache, cache_dir=args.feature_cache_dir)
-    if args.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
-        from .hub import push, stage
-
-        staging_dir = Path(output_dir).parent / f"{Path(output_dir).name}-hub-staging"
-        stage(output_dir, hub_config, staging_dir, repo_id=args.push_to_hub)
-        logger.warning(f"pushed {output_dir} to {args.push_to_hub}: {push(staging_dir, args.push_to_hub, exist_ok=True)}")
+    train_recipe(hub_config, output_dir, recipe, clip=args.clip, lm=args.lm, max_steps=args.max_steps,
+                 precision=args.precision, finetune_lm=args.finetune_lm or None, resume=args.resume,
+                 feature_cache=not args.no_feature_cache, cache_dir=args.feature_cache_dir,
+                 push_to_hub=args.push_to_hub)
     print(f"trained {hub_config.model_name} ({recipe.name} recipe): {output_dir}")
     return 0

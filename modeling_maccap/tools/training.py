@@ -241,6 +241,13 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
 
     if not hasattr(hub_config, "training_arguments"):
         hub_config = load_hub_config(hub_config)
+    if hub_config.recipe.get("name", "text") != "text":  # the hub config names a recipe that sees images
+        from .recipes import recipe_from_dict, train_recipe
+
+        recipe = recipe_from_dict(hub_config.recipe, relative_to=hub_config.path.parent)
+        return train_recipe(hub_config, output_dir, recipe, clip=clip, lm=lm, max_steps=max_steps,
+                            precision=precision, finetune_lm=finetune_lm, resume=resume, feature_cache=feature_cache,
+                            cache_dir=cache_dir, push_to_hub=push_to_hub, callbacks=callbacks)
     output_dir = Path(output_dir)
     checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if resume and checkpoint is None:
