@@ -1,6 +1,7 @@
 """`maccap train --recipe supervised --pairs P`: pairs from every source, bad rows reported by name and skipped, the
 projector learns each image's own caption, the mixed loss is the weighted sum, and the folder loads as any other."""
 
+import io
 import json
 import logging
 
@@ -60,7 +61,7 @@ def test_pairs_from_a_file_a_folder_and_a_dataset_skip_bad_rows_by_name(tmp_path
     assert from_file["caption"] == CAPTIONS
     assert from_file["name"] == [str(tmp_path / "imgs" / f"{i}.png") for i in range(4)]
     for name in ("broken.png", "missing.png"):
-        assert f"skipped 2 pairs whose image cannot be read" in caplog.text and name in caplog.text
+        assert "skipped 2 pairs whose image cannot be read" in caplog.text and name in caplog.text
     assert f"skipped 1 pairs with an empty caption: {tmp_path / 'imgs' / '1.png'}" in caplog.text
 
     from_folder = load_pairs(tmp_path / "imgs", caption_column="text")  # file_name: the imagefolder convention
@@ -72,7 +73,7 @@ def test_pairs_from_a_file_a_folder_and_a_dataset_skip_bad_rows_by_name(tmp_path
     assert from_dataset["caption"] == CAPTIONS[:3]
     assert "skipped 1 pairs with an empty caption: row 3" in caplog.text
     for row, path in zip(from_dataset, from_file["name"]):  # the bytes kept are the image's own
-        assert np.array_equal(np.asarray(Image.open(__import__("io").BytesIO(row["image"]["bytes"]))),
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["image"]["bytes"]))),
                               np.asarray(Image.open(path).convert("RGB")))
 
 

@@ -12,7 +12,6 @@ cross-entropy mixed in by `recipes.py`.
 """
 
 import torch
-import torch.nn.functional as F
 
 from ..modeling_maccap import noise_injection, sample_noise
 from .evaluation import CLIPSCORE_WEIGHT
