@@ -47,7 +47,7 @@ def pair_rows(tmp_path):
     return rows
 
 
-def test_pairs_from_a_file_a_folder_and_a_dataset_skip_bad_rows_by_name(tmp_path, pair_rows, caplog):
+def test_pairs_from_a_file_a_folder_and_a_dataset_skip_bad_rows_by_name(tmp_path, pair_rows, caplog, processor):
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in pair_rows))
     csv = "file_name,text\n" + "".join(f"{r['image'][5:]},{r['caption']}\n" for r in pair_rows)
     (tmp_path / "imgs" / "captions.csv").write_text(csv)
@@ -75,6 +75,12 @@ def test_pairs_from_a_file_a_folder_and_a_dataset_skip_bad_rows_by_name(tmp_path
     for row, path in zip(from_dataset, from_file["name"]):  # the bytes kept are the image's own
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["image"]["bytes"]))),
                               np.asarray(Image.open(path).convert("RGB")))
+    # and the recipe's collator turns them into the pixel values of the images themselves
+    collator = recipes.RecipeCollator(processor, pairs=from_dataset)
+    batch = collator([{"source": 0, "index": 2}, {"source": 0, "index": 0}])["pairs"]
+    expected = processor(images=[Image.open(from_file["name"][2]), Image.open(from_file["name"][0])])
+    torch.testing.assert_close(batch["pixel_values"], expected["pixel_values"])
+    assert batch["input_ids"].tolist() == processor.caption_lm_inputs([CAPTIONS[2], CAPTIONS[0]])["input_ids"].tolist()
 
 
 def test_a_missing_column_is_one_error_naming_it(tmp_path, pair_rows):
@@ -205,6 +211,10 @@ def test_train_runs_the_recipe_its_hub_config_names(tmp_path, components, pair_r
     data["training"]["recipe"] = {"name": "supervised", "pairs": "pairs.jsonl"}
     path.write_text(json.dumps(data))
     out = train(path, tmp_path / "out", clip=components[0], lm=components[1], max_steps=2)
+    text_only = tmp_path / "text-only"  # unless the command line says --recipe text
+    assert main(["train", "--hub-config", str(path), "--clip", components[0], "--lm", components[1], "--output-dir",
+                 str(text_only), "--max-steps", "1", "--recipe", "text"]) == 0
+    assert not (text_only / "recipe.json").exists()
     assert json.loads((out / "recipe.json").read_text())["pairs"] == str(tmp_path / "pairs.jsonl")
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["log_history"][-1]["epoch"] == 1.0

@@ -370,11 +370,13 @@ def add_arguments(parser):
 
 
 def recipe_from_arguments(args, hub_config):
-    """The recipe of a `maccap train` run: the hub config's, with the command line's options over it; None for
-    the text-only recipe."""
+    """The recipe of a `maccap train` run: the hub config's, with the command line's options over it (a --recipe
+    other than the hub config's starts from the defaults); None for the text-only recipe."""
     from .training import _argument_overrides
 
     settings = dict(getattr(hub_config, "recipe", None) or {})
+    if args.recipe is not None and args.recipe != settings.get("name", "text"):
+        settings = {}  # another recipe than the hub config's: none of its settings apply
     for name in ("pairs", "images", "init_from"):  # the hub config's paths are relative to its folder
         if settings.get(name) and (hub_config.path.parent / settings[name]).exists():
             settings[name] = str((hub_config.path.parent / settings[name]).resolve())

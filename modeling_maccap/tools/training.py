@@ -382,6 +382,7 @@ def run(args):
     recipe = recipes.recipe_from_arguments(args, hub_config)
     if recipe is not None:  # supervised or clip-reward: the recipes that see images
         return recipes.run(args, hub_config, output_dir, recipe)
+    hub_config = dataclasses.replace(hub_config, recipe={})  # text only, also where --recipe text overrides it
     train(hub_config, output_dir, clip=args.clip, lm=args.lm, max_steps=args.max_steps, precision=args.precision,
           finetune_lm=args.finetune_lm or None, resume=args.resume, feature_cache=not args.no_feature_cache,
           cache_dir=args.feature_cache_dir, push_to_hub=args.push_to_hub)
