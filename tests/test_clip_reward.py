@@ -139,3 +139,20 @@ def test_the_stage_s_terms_on_a_batch(quiet_model, processor, tmp_path):
     terms["policy_gradient"].backward()
     assert any(p.grad is not None for p in quiet_model.projector.parameters())
     assert all(p.grad is None for p in quiet_model.clip.parameters())
+
+
+def test_sampling_follows_max_new_tokens_and_the_temperature(quiet_model, processor, tmp_path):
+    """At most max_new_tokens new tokens after BOS; at a temperature near 0 the samples are the greedy captions."""
+    pixel_values = image_batch(tmp_path, processor, 2)
+    with torch.no_grad():
+        features = quiet_model.get_subregion_features(pixel_values).subregion_features
+        prefix = quiet_model.projector(F.normalize(features, dim=-1))
+    cold = recipes.RecipeSettings(name="clip-reward", images="unused", temperature=1e-4, max_new_tokens=6)
+    torch.manual_seed(0)
+    sampled = clip_reward._decode(quiet_model, prefix, True, cold)
+    greedy = clip_reward._decode(quiet_model, prefix, False, cold)
+    assert sampled.shape[1] <= 1 + 6 and sampled[:, 0].tolist() == [quiet_model.generation_config.bos_token_id] * 2
+    assert sampled.tolist() == greedy.tolist()
+    hot = recipes.RecipeSettings(name="clip-reward", images="unused", temperature=50.0, max_new_tokens=6)
+    draws = {tuple(clip_reward._decode(quiet_model, prefix[:1], True, hot)[0].tolist()) for _ in range(5)}
+    assert len(draws) > 1  # a high temperature spreads the samples

@@ -219,3 +219,27 @@ def test_train_runs_the_recipe_its_hub_config_names(tmp_path, components, pair_r
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["log_history"][-1]["epoch"] == 1.0
     assert all("supervised" in entry for entry in state["log_history"] if "loss" in entry)
+
+
+def test_a_pairs_dataset_split_and_init_from(tmp_path, components, checkpoint, pair_rows):
+    """pairs_split picks a split of a saved DatasetDict; --init-from starts from a checkpoint's weights (at learning
+    rate 0 the output holds exactly them)."""
+    good = [Image.open(tmp_path / r["image"]).convert("RGB") for r in pair_rows[:4]]
+    splits = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image": good[:1], "caption": CAPTIONS[:1]}),
+        "validation": datasets.Dataset.from_dict({"image": good[1:], "caption": CAPTIONS[1:]}),
+    }).cast_column("image", datasets.Image())
+    splits.save_to_disk(str(tmp_path / "splits"))
+    assert load_pairs(tmp_path / "splits", split="validation")["caption"] == CAPTIONS[1:]
+    with pytest.raises(MacCapError, match="no split 'test'"):
+        load_pairs(tmp_path / "splits", split="test")
+
+    hub_config = write_hub_config(tmp_path, eval_strategy="no", per_device_train_batch_size=2, learning_rate=0.0,
+                                  warmup_steps=0)
+    out = tmp_path / "out"
+    assert main(["train", "--hub-config", str(hub_config), "--clip", components[0], "--lm", components[1],
+                 "--output-dir", str(out), "--recipe", "supervised", "--pairs", str(tmp_path / "splits"),
+                 "--recipe-set", "pairs_split=validation", "--init-from", str(checkpoint), "--max-steps", "1"]) == 0
+    expected = load_file(checkpoint / "model.safetensors")
+    for name, value in load_file(out / "model.safetensors").items():
+        assert torch.equal(value, expected[name]), name
