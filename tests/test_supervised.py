@@ -243,3 +243,13 @@ def test_a_pairs_dataset_split_and_init_from(tmp_path, components, checkpoint, p
     expected = load_file(checkpoint / "model.safetensors")
     for name, value in load_file(out / "model.safetensors").items():
         assert torch.equal(value, expected[name]), name
+
+
+def test_an_unknown_recipe_setting_is_one_error(tmp_path, components, capsys):
+    hub_config = write_hub_config(tmp_path, eval_strategy="no")
+    assert main(["train", "--hub-config", str(hub_config), "--output-dir", str(tmp_path / "out"), "--recipe",
+                 "clip-reward", "--images", str(tmp_path), "--recipe-set", "kl_wieght=0.1"]) == 2
+    assert "--recipe-set: unknown setting(s) kl_wieght; the settings are" in capsys.readouterr().err
+    assert main(["train", "--hub-config", str(hub_config), "--output-dir", str(tmp_path / "out"), "--pairs",
+                 str(tmp_path)]) == 2
+    assert "--pairs / --images need --recipe supervised or clip-reward" in capsys.readouterr().err

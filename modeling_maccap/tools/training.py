@@ -317,7 +317,7 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def add_parser(commands):
-    fit = commands.add_parser("train", help="train a variant's projector on captions alone")
+    fit = commands.add_parser("train", help="train a variant's projector on captions alone, or with images (--recipe)")
     fit.add_argument("--hub-config", required=True, help="hub_configs/*.json: components, method, corpus, arguments")
     fit.add_argument("--output-dir", help="where the trained model goes (default: checkpoints/<repo name>)")
     fit.add_argument("--clip", help="CLIP checkpoint instead of the hub config's (Hub id or local folder)")
