@@ -253,3 +253,8 @@ def test_an_unknown_recipe_setting_is_one_error(tmp_path, components, capsys):
     assert main(["train", "--hub-config", str(hub_config), "--output-dir", str(tmp_path / "out"), "--pairs",
                  str(tmp_path)]) == 2
     assert "--pairs / --images need --recipe supervised or clip-reward" in capsys.readouterr().err
+    with_eval = write_hub_config(tmp_path)  # eval_strategy "epoch"
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "x.png", "caption": "a dog"}))
+    assert main(["train", "--hub-config", str(with_eval), "--output-dir", str(tmp_path / "out"), "--recipe",
+                 "supervised", "--pairs", str(tmp_path / "pairs.jsonl")]) == 2
+    assert "the supervised recipe has no eval loss" in capsys.readouterr().err
