@@ -94,6 +94,8 @@ def model_card(hub_config, repo_id, eval_results=(), num_projector_parameters=No
                              for name, value in e["metrics"].items()])
     else:
         evaluation = "This checkpoint was published without an evaluation results file; no scores are claimed."
+    from .recipes import recipe_paragraph
+
     trained = "the projector and the LM" if hub_config.finetune_lm else "only the projector (CLIP and the LM frozen)"
     projector = f" ({num_projector_parameters:,} parameters)" if num_projector_parameters else ""
     demo = (f"\n\nTry it in the browser: [the {space_id} Space](https://huggingface.co/spaces/{space_id}), a "
@@ -140,9 +142,7 @@ captioner("photo.jpg", prompt=question, generate_kwargs={{"num_beams": 5}})
 
 ## Training recipe
 
-Text only: {trained} trained on {corpus}, with CLIP text embeddings as the condition. Reproduce it with the
-`maccap` package (`maccap train --hub-config {hub_config.path.name}`); captions are cut at
-{hub_config.max_caption_length} LM tokens.
+{recipe_paragraph(hub_config, corpus, trained)}
 
 Method settings (`MacCapConfig`):
 
@@ -233,6 +233,11 @@ def stage(checkpoint_dir, hub_config, staging_dir, repo_id=None, eval_results=No
     file path (see `read_eval_results`)."""
     model = _load_checkpoint(checkpoint_dir)
     _check_matches(model, hub_config)
+    recipe_file = Path(checkpoint_dir) / "recipe.json"  # written by `maccap train --recipe supervised|clip-reward`
+    if not hub_config.recipe and recipe_file.is_file():
+        import dataclasses
+
+        hub_config = dataclasses.replace(hub_config, recipe=read_json(recipe_file, "recipe file"))
     results = read_eval_results(eval_results) if eval_results else []
     staging_dir = _prepare_staging_dir(staging_dir)
     model.save_pretrained(staging_dir, max_shard_size=max_shard_size)

@@ -47,6 +47,7 @@ class HubConfig:
     max_caption_length: int
     finetune_lm: bool
     training_arguments: dict
+    recipe: dict = dataclasses.field(default_factory=dict)  # training.recipe: the recipe and its settings (recipes.py)
 
     @property
     def maccap_settings(self):
@@ -167,4 +168,14 @@ def load_hub_config(path):
         max_caption_length=training.get("max_caption_length", 25),
         finetune_lm=training.get("finetune_lm", False),
         training_arguments=dict(training["arguments"]),
+        recipe=_check_recipe(path, training.get("recipe", {})),
     )
+
+
+def _check_recipe(path, recipe):
+    """training.recipe as written (paths relative to the hub config), after `recipes.recipe_from_dict` checks it."""
+    if recipe:
+        from .recipes import recipe_from_dict
+
+        recipe_from_dict(recipe, f"{path}: training.recipe", relative_to=path.parent)
+    return dict(recipe)

@@ -241,6 +241,13 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
 
     if not hasattr(hub_config, "training_arguments"):
         hub_config = load_hub_config(hub_config)
+    if hub_config.recipe.get("name", "text") != "text":  # the hub config names a recipe that sees images
+        from .recipes import recipe_from_dict, train_recipe
+
+        recipe = recipe_from_dict(hub_config.recipe, relative_to=hub_config.path.parent)
+        return train_recipe(hub_config, output_dir, recipe, clip=clip, lm=lm, max_steps=max_steps,
+                            precision=precision, finetune_lm=finetune_lm, resume=resume, feature_cache=feature_cache,
+                            cache_dir=cache_dir, push_to_hub=push_to_hub, callbacks=callbacks)
     output_dir = Path(output_dir)
     checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if resume and checkpoint is None:
@@ -310,7 +317,7 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def add_parser(commands):
-    fit = commands.add_parser("train", help="train a variant's projector on captions alone")
+    fit = commands.add_parser("train", help="train a variant's projector on captions alone, or with images (--recipe)")
     fit.add_argument("--hub-config", required=True, help="hub_configs/*.json: components, method, corpus, arguments")
     fit.add_argument("--output-dir", help="where the trained model goes (default: checkpoints/<repo name>)")
     fit.add_argument("--clip", help="CLIP checkpoint instead of the hub config's (Hub id or local folder)")
@@ -335,6 +342,9 @@ def add_parser(commands):
                                                  "cache, HF_DATASETS_CACHE/maccap_text_features)")
     fit.add_argument("--push-to-hub", metavar="ORG/NAME", help="when done, stage the model (card included) and push "
                                                                "it as `maccap upload` does")
+    from .recipes import add_arguments
+
+    add_arguments(fit)  # --recipe, --pairs, --images, --init-from, --recipe-set
     fit.set_defaults(run=run)
     return fit
 
@@ -367,6 +377,12 @@ def run(args):
         check_training_arguments("--set", arguments)
         hub_config = dataclasses.replace(hub_config, training_arguments=arguments)
     output_dir = args.output_dir or Path("checkpoints") / hub_config.repo_id.split("/")[-1]
+    from . import recipes
+
+    recipe = recipes.recipe_from_arguments(args, hub_config)
+    if recipe is not None:  # supervised or clip-reward: the recipes that see images
+        return recipes.run(args, hub_config, output_dir, recipe)
+    hub_config = dataclasses.replace(hub_config, recipe={})  # text only, also where --recipe text overrides it
     train(hub_config, output_dir, clip=args.clip, lm=args.lm, max_steps=args.max_steps, precision=args.precision,
           finetune_lm=args.finetune_lm or None, resume=args.resume, feature_cache=not args.no_feature_cache,
           cache_dir=args.feature_cache_dir, push_to_hub=args.push_to_hub)
