@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -220,12 +219,9 @@ def _starting_model(recipe, hub_config, clip, lm, finetune_lm):
         model.clip.requires_grad_(False)
         model.language_model.requires_grad_(finetune_lm)
         return model
-    try:
-        return MacCapForConditionalGeneration.from_pretrained_components(
-            clip=clip, lm=lm, freeze_lm=not finetune_lm, **hub_config.maccap)
-    except OSError as error:
-        raise MacCapError(f"{hub_config.path}: architecture.components: cannot load CLIP {clip!r} and LM {lm!r} "
-                          f"(--clip / --lm take local copies): {str(error).splitlines()[0]}") from None
+    from .training import model_from_components
+
+    return model_from_components(hub_config, clip, lm, finetune_lm)
 
 
 def train_recipe(hub_config, output_dir, recipe, *, clip=None, lm=None, max_steps=None, precision="auto",
@@ -233,34 +229,15 @@ def train_recipe(hub_config, output_dir, recipe, *, clip=None, lm=None, max_step
     """`training.train` for the supervised and clip-reward recipes (`recipe`, a `RecipeSettings`): the same
     arguments, checks and output folder. Returns the output folder."""
     from transformers import TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .pairs import load_image_folder, load_pairs
-    from .training import _precision, cache_text_features, default_cache_dir, split_corpus
+    from .training import _precision, cache_text_features, default_cache_dir, prepare_run, split_corpus
 
     recipe.check()
-    output_dir = Path(output_dir)
-    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if resume and checkpoint is None:
-        raise MacCapError(f"--resume: {output_dir} holds no checkpoint-N folder to resume from")
-    if not resume and checkpoint is not None:
-        raise MacCapError(f"{output_dir} already holds {Path(checkpoint).name}: pass --resume to continue that "
-                          "run, or choose another --output-dir")
-    if push_to_hub:
-        from huggingface_hub import get_token
-
-        if get_token() is None:  # before the run, not after hours of it
-            raise MacCapError(f"--push-to-hub {push_to_hub}: no Hugging Face token; set HF_TOKEN or run "
-                              "`hf auth login`")
-    arguments = dict(hub_config.training_arguments)
-    if max_steps is not None:
-        arguments["max_steps"] = max_steps
+    output_dir, checkpoint, arguments = prepare_run(hub_config, output_dir, resume, push_to_hub, max_steps)
     if arguments.get("eval_strategy", "no") != "no":
         raise MacCapError(f"{hub_config.path}: training.arguments.eval_strategy: the {recipe.name} recipe has no "
                           "eval loss; set it to \"no\" (`--set eval_strategy=no`)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        arguments.setdefault("use_cpu", True)
-    arguments.setdefault("ddp_find_unused_parameters", False)
     args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, **_precision(precision),
                              **arguments)
 

@@ -223,31 +223,13 @@ def default_cache_dir():
     return Path(datasets.config.HF_DATASETS_CACHE) / "maccap_text_features"
 
 
-def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precision="auto", finetune_lm=None,
-          resume=False, feature_cache=True, cache_dir=None, push_to_hub=None, callbacks=None):
-    """Train the variant described by `hub_config` (a `HubConfig` or the path of one) and save it to `output_dir`.
-
-    `clip` / `lm` replace the hub config's component checkpoints (e.g. local copies), `max_steps` its epoch
-    count, `finetune_lm` its `finetune_lm` (use `dataclasses.replace(hub_config, corpus=...)` for another
-    corpus). `precision` is "auto" (bf16 or fp16 on a GPU, fp32 on CPU), "fp32", "bf16" or "fp16".
-    `resume` continues from the last `checkpoint-N` in `output_dir`; without it, a folder that holds checkpoints
-    is refused. `feature_cache=False` runs the CLIP text tower at every step instead of once per corpus
-    (`cache_dir`, default under datasets' cache). `push_to_hub="org/name"` stages and pushes the result as
-    `maccap upload` does. `callbacks` are extra `TrainerCallback`s. Returns the output folder."""
-    from transformers import TrainingArguments
+def prepare_run(hub_config, output_dir, resume, push_to_hub, max_steps):
+    """What every recipe checks and sets before training: the output folder's last checkpoint (required with
+    `resume`, refused without it), a Hub token before a run that will be pushed, and the hub config's
+    TrainingArguments values with `max_steps` and the multi-process CPU defaults. -> (output_dir, checkpoint,
+    arguments)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from ..modeling_maccap import MacCapForConditionalGeneration
-
-    if not hasattr(hub_config, "training_arguments"):
-        hub_config = load_hub_config(hub_config)
-    if hub_config.recipe.get("name", "text") != "text":  # the hub config names a recipe that sees images
-        from .recipes import recipe_from_dict, train_recipe
-
-        recipe = recipe_from_dict(hub_config.recipe, relative_to=hub_config.path.parent)
-        return train_recipe(hub_config, output_dir, recipe, clip=clip, lm=lm, max_steps=max_steps,
-                            precision=precision, finetune_lm=finetune_lm, resume=resume, feature_cache=feature_cache,
-                            cache_dir=cache_dir, push_to_hub=push_to_hub, callbacks=callbacks)
     output_dir = Path(output_dir)
     checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if resume and checkpoint is None:
@@ -261,13 +243,50 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
         if get_token() is None:  # before the run, not after hours of it
             raise MacCapError(f"--push-to-hub {push_to_hub}: no Hugging Face token; set HF_TOKEN or run "
                               "`hf auth login`")
-
     arguments = dict(hub_config.training_arguments)
     if max_steps is not None:
         arguments["max_steps"] = max_steps
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         arguments.setdefault("use_cpu", True)  # several CPU processes: only then does accelerate pick gloo DDP
     arguments.setdefault("ddp_find_unused_parameters", False)  # every trainable parameter is used at every step
+    return output_dir, checkpoint, arguments
+
+
+def model_from_components(hub_config, clip, lm, finetune_lm):
+    """A fresh MacCap (new projector) on the CLIP and LM checkpoints, with the hub config's method settings."""
+    from ..modeling_maccap import MacCapForConditionalGeneration
+
+    try:
+        return MacCapForConditionalGeneration.from_pretrained_components(
+            clip=clip, lm=lm, freeze_lm=not finetune_lm, **hub_config.maccap)
+    except OSError as error:
+        raise MacCapError(f"{hub_config.path}: architecture.components: cannot load CLIP {clip!r} and LM {lm!r} "
+                          f"(--clip / --lm take local copies): {str(error).splitlines()[0]}") from None
+
+
+def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precision="auto", finetune_lm=None,
+          resume=False, feature_cache=True, cache_dir=None, push_to_hub=None, callbacks=None):
+    """Train the variant described by `hub_config` (a `HubConfig` or the path of one) and save it to `output_dir`.
+
+    `clip` / `lm` replace the hub config's component checkpoints (e.g. local copies), `max_steps` its epoch
+    count, `finetune_lm` its `finetune_lm` (use `dataclasses.replace(hub_config, corpus=...)` for another
+    corpus). `precision` is "auto" (bf16 or fp16 on a GPU, fp32 on CPU), "fp32", "bf16" or "fp16".
+    `resume` continues from the last `checkpoint-N` in `output_dir`; without it, a folder that holds checkpoints
+    is refused. `feature_cache=False` runs the CLIP text tower at every step instead of once per corpus
+    (`cache_dir`, default under datasets' cache). `push_to_hub="org/name"` stages and pushes the result as
+    `maccap upload` does. `callbacks` are extra `TrainerCallback`s. Returns the output folder."""
+    from transformers import TrainingArguments
+
+    if not hasattr(hub_config, "training_arguments"):
+        hub_config = load_hub_config(hub_config)
+    if hub_config.recipe.get("name", "text") != "text":  # the hub config names a recipe that sees images
+        from .recipes import recipe_from_dict, train_recipe
+
+        recipe = recipe_from_dict(hub_config.recipe, relative_to=hub_config.path.parent)
+        return train_recipe(hub_config, output_dir, recipe, clip=clip, lm=lm, max_steps=max_steps,
+                            precision=precision, finetune_lm=finetune_lm, resume=resume, feature_cache=feature_cache,
+                            cache_dir=cache_dir, push_to_hub=push_to_hub, callbacks=callbacks)
+    output_dir, checkpoint, arguments = prepare_run(hub_config, output_dir, resume, push_to_hub, max_steps)
     # Built first: under torchrun / accelerate launch this sets up the process group the rest relies on.
     args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, label_names=["labels"],
                              **_precision(precision), **arguments)
@@ -275,12 +294,7 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
     clip, lm = clip or hub_config.clip, lm or hub_config.lm
     finetune_lm = hub_config.finetune_lm if finetune_lm is None else finetune_lm
     set_seed(args.seed)  # the projector's initialisation too, not only the run, follows the seed
-    try:
-        model = MacCapForConditionalGeneration.from_pretrained_components(
-            clip=clip, lm=lm, freeze_lm=not finetune_lm, **hub_config.maccap)
-    except OSError as error:
-        raise MacCapError(f"{hub_config.path}: architecture.components: cannot load CLIP {clip!r} and LM {lm!r} "
-                          f"(--clip / --lm take local copies): {str(error).splitlines()[0]}") from None
+    model = model_from_components(hub_config, clip, lm, finetune_lm)
     processor = model.processor
     processor.max_caption_length = hub_config.max_caption_length
     with args.main_process_first(desc="reading captions"):
