@@ -40,7 +40,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["modeling_maccap", "modeling_maccap.tools", "modeling_maccap.demo"],
-    package_data={"modeling_maccap.tools": ["hub_config.schema.json"]},
+    package_data={"modeling_maccap.tools": ["hub_config.schema.json", "concepts.txt"]},
     # Lower bounds are the versions of tests/constraints/lock.txt, which CI tests (the newest ones too): raise
     # them together with the lock (see tests/run_matrix.sh).
     install_requires=[
