@@ -334,3 +334,11 @@ def test_cli_train_pcm_reads_pairs_and_refuses_a_bad_field(components, tmp_path)
     assert main(args + maccap) == 0
     assert (tmp_path / "m" / "model.safetensors").exists()
     assert main(args[:-6] + ["--output-dir", str(tmp_path / "m2"), "--maccap", "num_queries=0"]) == 2
+
+
+def test_onnx_export_refuses_a_patch_key_model(pcm_model, tmp_path):
+    from modeling_maccap.tools.onnx_export import export_onnx
+
+    with pytest.raises(MacCapError, match="patch_keys"):
+        export_onnx(pcm_model, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

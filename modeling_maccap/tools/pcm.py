@@ -16,6 +16,7 @@ training) | at inference, the selected patches' concept tokens]; README, "Synthe
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,19 +211,24 @@ class PCMTrainer(MacCapTrainer):
 
 # ------------------------------------------------------------------------------------------------- training
 def train_pcm(pairs, output_dir, *, clip, lm, settings=PCMSettings(), concepts=None, templates=DEFAULT_TEMPLATES,
-              maccap=None, training_arguments=None, max_caption_length=25, cache_dir=None, callbacks=None):
+              maccap=None, training_arguments=None, max_caption_length=25, cache_dir=None, callbacks=None,
+              collator=None):
     """Train MacCap's projector on (image, caption) `pairs` (a datasets Dataset with "image" and "caption", as
     `synthesize.read_pairs` gives it) with PCM-Net's switches in `settings`, and save the model to `output_dir`.
 
     The model gets config.patch_keys; with `settings.mixup` also the concept vocabulary (`concepts`: a list, a words
     file, or None for maccap's default list), embedded with `templates`. `maccap`: other MacCapConfig fields;
-    `training_arguments`: TrainingArguments overriding DEFAULT_TRAINING_ARGUMENTS. Returns the output folder."""
+    `training_arguments`: TrainingArguments overriding DEFAULT_TRAINING_ARGUMENTS. `collator(processor)`: builds
+    the batches instead of `PairCollator` (they must hold what `pcm_loss` reads). Returns the output folder."""
     from transformers import TrainingArguments, set_seed
 
     from ..modeling_maccap import MacCapForConditionalGeneration
 
     if len(pairs) == 0:
         raise MacCapError("no (image, caption) pair to train on")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # PCMTrainer computes the loss on the unwrapped model, outside DistributedDataParallel's forward.
+        raise MacCapError("train-pcm runs in one process; it is not written for torchrun / several processes yet")
     arguments = {**DEFAULT_TRAINING_ARGUMENTS, **(training_arguments or {})}
     args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, label_names=["labels"],
                              **arguments)
@@ -239,8 +245,9 @@ def train_pcm(pairs, output_dir, *, clip, lm, settings=PCMSettings(), concepts=N
     if settings.mixup:
         with torch.no_grad():
             model.concept_embeds.copy_(concept_embeddings(model, processor, concepts, templates, cache_dir))
-    trainer = PCMTrainer(model=model, args=args, train_dataset=pairs, data_collator=PairCollator(processor),
-                         processing_class=processor, callbacks=callbacks, pcm_settings=settings)
+    trainer = PCMTrainer(model=model, args=args, train_dataset=pairs,
+                         data_collator=(collator or PairCollator)(processor), processing_class=processor,
+                         callbacks=callbacks, pcm_settings=settings)
     trainer.train()
     trainer.save_model(str(output_dir))  # weights (concept_embeds too), config, remote code, processor
     output_dir = Path(output_dir)

@@ -192,7 +192,7 @@ def _finish(output_dir):
             "clip_score": [r["clip_score"] for r in records], "index": [r["index"] for r in records]}
     dataset = datasets.Dataset.from_dict(data).cast_column("image", datasets.Image())
     # Embedded in the Arrow files, so dataset/ stands alone (the images/ folder is for people and for --resume).
-    dataset.save_to_disk(str(output_dir / DATASET), embed_external_files=True)
+    dataset.save_to_disk(str(output_dir / DATASET))
     return {"pairs": len(records), "skipped": len(skipped), "dataset": str(output_dir / DATASET)}
 
 
