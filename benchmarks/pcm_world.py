@@ -85,7 +85,7 @@ class IndexedPairCollator:
 
 
 def training_arguments(settings):
-    """The demo's projector schedule (components.hub_config) at this run's step count."""
+    """The demo's projector schedule (components.hub_config) at this run's step count and batch size."""
     return {"learning_rate": settings.projector_learning_rate, "weight_decay": 0.01,
             "warmup_steps": settings.projector_steps // 20, "lr_scheduler_type": "cosine_warmup_with_min_lr",
             "lr_scheduler_kwargs": {"min_lr_rate": 0.1, "warmup_lr_rate": 0.01}, "max_grad_norm": 1.0,
@@ -118,7 +118,7 @@ def clip_scores(clip_model, processor, image_embeds, captions):
     return (2.5 * (text * image_embeds).sum(-1).clamp(min=0)).numpy()
 
 
-def run(out, settings, log=print):
+def run(out, settings, projector_batch_size=64, log=print):
     import torch
     from transformers import CLIPModel
 
@@ -145,9 +145,13 @@ def run(out, settings, log=print):
     captions = [c for _, cs in text_scenes for c in cs]
     captions_file = work / "text_captions.json"
     captions_file.write_text(json.dumps(captions), encoding="utf-8")
-    clip = stage("CLIP", components.clip_folder, settings, clip_scenes, clip_images, work / "clip", log)
-    lm = stage("LM", components.lm_folder, settings, text_scenes, work / "lm", log)
+    # A rerun in the same --out reuses the CLIP and LM it trained (they depend only on the demo's settings and seed).
+    done = {name: (work / name / "config.json").exists() for name in ("clip", "lm")}
+    clip = str(work / "clip") if done["clip"] else stage("CLIP", components.clip_folder, settings, clip_scenes,
+                                                          clip_images, work / "clip", log)
+    lm = str(work / "lm") if done["lm"] else stage("LM", components.lm_folder, settings, text_scenes, work / "lm", log)
     folders = {}
+    settings = dataclasses.replace(settings, batch_size=projector_batch_size)  # the projectors' batch from here on
     hub_config = components.hub_config(settings, work, captions_file, clip, lm, 0.016)
     folders["text-only MacCap"] = stage("text-only MacCap", train, hub_config, work / "text-only",
                                         cache_dir=work / "features")
@@ -217,7 +221,8 @@ def markdown(results):
     s = results["settings"]
     lines = [f"PCM-Net in the demo's world, seed {s['seed']}: {s['text_scenes']} text scenes x "
              f"{s['captions_per_scene']} captions as pairs, {s['projector_steps']} projector steps at batch "
-             f"{s['batch_size']}, {s['test_scenes']} held-out real images; {results['torch_threads']} threads, "
+             f"{s['batch_size']} (CLIP and LM: the demo's), {s['test_scenes']} held-out real images; "
+             f"{results['torch_threads']} threads, "
              f"{results['timings_s']['total']:.0f} s. Corrupted synthetic scenes: "
              + ", ".join(f"p={p}: {v:.1%}" for p, v in results["corrupted_share"].items()) + ".", "",
              "| setting | CIDEr [95%] | CLIPScore [95%] | CIDEr vs plain | CLIPScore vs plain | salient colour / shape right |",
@@ -257,14 +262,15 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-scenes", type=int, default=6000)
     parser.add_argument("--test-scenes", type=int, default=300)
-    parser.add_argument("--projector-steps", type=int, default=400)
+    parser.add_argument("--projector-steps", type=int, default=300)
+    parser.add_argument("--projector-batch-size", type=int, default=64)
     args = parser.parse_args()
     from modeling_maccap.demo.demo import _quiet
 
     settings = DemoSettings(seed=args.seed, text_scenes=args.text_scenes, test_scenes=args.test_scenes,
                             projector_steps=args.projector_steps)
     with _quiet():
-        results = run(args.out, settings)
+        results = run(args.out, settings, args.projector_batch_size)
     print(markdown(results))
 
 
