@@ -9,7 +9,13 @@ CLIP and LM (its settings and seed) are trained, then MacCap's projector: text o
 held-out real images; CIDEr and CLIPScore (2.5 max(cos, 0) with the world's CLIP) per image, 95% bootstrap
 intervals over images, and paired differences against "synthetic, plain" at the same p.
 
-    python benchmarks/pcm_world.py --out benchmarks/results/pcm_world     # about 10 minutes on 2 CPU cores
+    python benchmarks/pcm_world.py --out benchmarks/results/pcm_world/seed0
+    python benchmarks/pcm_world.py --out benchmarks/results/pcm_world/seed1 --projector-seed 1   # same CLIP and LM
+    python benchmarks/pcm_world.py --across benchmarks/results/pcm_world/seed* --out benchmarks/results/pcm_world
+
+The CLIP and LM are the demo's (`maccap demo`'s settings, about 3 minutes on an idle 2-core machine); a run in an
+--out that holds them (work/clip, work/lm) reuses them. The projectors and the scoring take about 8 minutes on one
+thread.
 """
 
 import argparse
@@ -118,7 +124,25 @@ def clip_scores(clip_model, processor, image_embeds, captions):
     return (2.5 * (text * image_embeds).sum(-1).clamp(min=0)).numpy()
 
 
-def run(out, settings, projector_batch_size=64, log=print):
+def pair_weights(clip_model, processor, pixel_values, captions, corrupted, per_scene, alpha=2.5):
+    """PCM-Net's weights clamp(alpha cos, 0, 1) of the synthetic pairs: their mean and the share below 1, for the
+    pairs of clean and of corrupted scenes."""
+    import torch
+
+    from modeling_maccap.tools.pcm import clip_weights
+
+    with torch.no_grad():
+        image = clip_model.get_image_features(pixel_values=pixel_values).pooler_output
+        text = torch.cat([clip_model.get_text_features(**processor.clip_text_inputs(captions[i:i + 2000])).pooler_output
+                          for i in range(0, len(captions), 2000)])
+    weights = clip_weights(image.repeat_interleave(per_scene, 0), text, alpha).numpy()
+    bad = np.repeat(corrupted, per_scene)
+    return {kind: {"pairs": int(mask.sum()), "mean_weight": float(weights[mask].mean()) if mask.any() else None,
+                   "share_below_1": float((weights[mask] < 1).mean()) if mask.any() else None}
+            for kind, mask in (("clean", ~bad), ("corrupted", bad))}
+
+
+def run(out, settings, projector_batch_size=64, projector_seed=None, log=print):
     import torch
     from transformers import CLIPModel
 
@@ -151,7 +175,9 @@ def run(out, settings, projector_batch_size=64, log=print):
                                                           clip_images, work / "clip", log)
     lm = str(work / "lm") if done["lm"] else stage("LM", components.lm_folder, settings, text_scenes, work / "lm", log)
     folders = {}
-    settings = dataclasses.replace(settings, batch_size=projector_batch_size)  # the projectors' batch from here on
+    # From here on: the projectors' batch, and their seed (also the defects' draws, the noise and the bootstrap).
+    settings = dataclasses.replace(settings, batch_size=projector_batch_size,
+                                   seed=settings.seed if projector_seed is None else projector_seed)
     hub_config = components.hub_config(settings, work, captions_file, clip, lm, 0.016)
     folders["text-only MacCap"] = stage("text-only MacCap", train, hub_config, work / "text-only",
                                         cache_dir=work / "features")
@@ -162,11 +188,13 @@ def run(out, settings, projector_batch_size=64, log=print):
 
     per_scene = settings.captions_per_scene
     pairs = datasets.Dataset.from_dict({"caption": captions, "image": np.arange(len(captions)) // per_scene})
-    corrupted_share = {}
+    corrupted_share, weights = {}, {}
+    clip_model = CLIPModel.from_pretrained(clip).eval()
     for p in PROBABILITIES:
         images, corrupted = synthetic_images(text_scenes, p, settings)
         corrupted_share[p] = float(corrupted.mean())
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        weights[p] = pair_weights(clip_model, processor, pixel_values, captions, corrupted, per_scene)
         for name, fields in VARIANTS + ((FOCAL,) if p > 0 else ()):
             key = f"p={p:g}: {name}"
             folders[key] = stage(key, train_pcm, pairs, work / key.replace(" ", "_").replace(":", "").replace(",", ""),
@@ -176,7 +204,6 @@ def run(out, settings, projector_batch_size=64, log=print):
 
     t = time.perf_counter()
     test_pixels = processor(images=test_images)["pixel_values"]
-    clip_model = CLIPModel.from_pretrained(clip).eval()
     with torch.no_grad():
         image_embeds = torch.nn.functional.normalize(
             clip_model.get_image_features(pixel_values=test_pixels).pooler_output, dim=-1)
@@ -205,6 +232,7 @@ def run(out, settings, projector_batch_size=64, log=print):
     timings["total"] = round(time.perf_counter() - started, 1)
     results = {"settings": dataclasses.asdict(settings), "torch_threads": torch.get_num_threads(),
                "concepts": world_concepts(), "templates": TEMPLATES, "corrupted_share": corrupted_share,
+               "pair_weights": weights,
                "rows": rows, "timings_s": timings}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "predictions.json").write_text(json.dumps(predictions, indent=1) + "\n", encoding="utf-8")
@@ -224,13 +252,35 @@ def markdown(results):
              f"{s['batch_size']} (CLIP and LM: the demo's), {s['test_scenes']} held-out real images; "
              f"{results['torch_threads']} threads, "
              f"{results['timings_s']['total']:.0f} s. Corrupted synthetic scenes: "
-             + ", ".join(f"p={p}: {v:.1%}" for p, v in results["corrupted_share"].items()) + ".", "",
+             + ", ".join(f"p={p}: {v:.1%}" for p, v in results["corrupted_share"].items()) + ".",
+             "CLIP weights clamp(2.5 cos, 0, 1) of the pairs: " + "; ".join(
+                 f"p={p}: {kind} {w[kind]['mean_weight']:.3f} mean, {w[kind]['share_below_1']:.1%} below 1"
+                 for p, w in results.get("pair_weights", {}).items() for kind in w if w[kind]["pairs"]) + ".", "",
              "| setting | CIDEr [95%] | CLIPScore [95%] | CIDEr vs plain | CLIPScore vs plain | salient colour / shape right |",
              "|---|---|---|---|---|---|"]
     for name, r in results["rows"].items():
         vs = [_ci(r[k]) if k in r else "" for k in ("CIDEr_vs_plain", "CLIPScore_vs_plain")]
         lines.append(f"| {name} | {_ci(r['CIDEr'])} | {_ci(r['CLIPScore'])} | {vs[0]} | {vs[1]} | "
                      f"{r['salient_colour_right']:.0%} / {r['salient_shape_right']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def across(run_dirs):
+    """Each variant's CIDEr and CLIPScore, and its difference from "synthetic, plain", in several runs (one column
+    each) and their mean: the spread between training seeds, which the intervals over images do not hold."""
+    runs = [json.loads((Path(d) / "results.json").read_text(encoding="utf-8")) for d in run_dirs]
+    seeds = [r["settings"]["seed"] for r in runs]
+    lines = ["| setting | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|---|---|" + "---|" * (len(runs) + 1)]
+    for name in runs[0]["rows"]:
+        for metric in ("CIDEr", "CLIPScore"):
+            for key, label in ((metric, metric), (f"{metric}_vs_plain", f"{metric} vs plain")):
+                if key not in runs[0]["rows"][name]:
+                    continue
+                values = [r["rows"][name][key] for r in runs]
+                cells = [_ci(v, 2) for v in values]
+                mean = sum(v["value"] for v in values) / len(values)
+                lines.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {mean:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,13 +314,23 @@ def main():
     parser.add_argument("--test-scenes", type=int, default=300)
     parser.add_argument("--projector-steps", type=int, default=300)
     parser.add_argument("--projector-batch-size", type=int, default=64)
+    parser.add_argument("--projector-seed", type=int, help="seed of the projectors, the defects, the noise and the "
+                                                           "bootstrap (default: --seed)")
+    parser.add_argument("--across", nargs="+", metavar="RUN_DIR", help="instead of a run: the table of earlier runs "
+                                                                      "side by side (written to OUT/across_seeds.md)")
     args = parser.parse_args()
+    if args.across:
+        table = across(args.across)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "across_seeds.md").write_text(table, encoding="utf-8")
+        print(table)
+        return
     from modeling_maccap.demo.demo import _quiet
 
     settings = DemoSettings(seed=args.seed, text_scenes=args.text_scenes, test_scenes=args.test_scenes,
                             projector_steps=args.projector_steps)
     with _quiet():
-        results = run(args.out, settings, args.projector_batch_size)
+        results = run(args.out, settings, args.projector_batch_size, args.projector_seed)
     print(markdown(results))
 
 
