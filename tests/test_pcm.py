@@ -342,3 +342,11 @@ def test_onnx_export_refuses_a_patch_key_model(pcm_model, tmp_path):
     with pytest.raises(MacCapError, match="patch_keys"):
         export_onnx(pcm_model, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_pcm_fields_round_trip_through_save_and_load(tmp_path):
+    values = dict(patch_keys=True, concepts=["red circle", "blue"], salient_concepts=2, concept_pairs=3,
+                  concept_temperature=0.05, concept_tokens=False)
+    MacCapConfig(**values).save_pretrained(tmp_path)
+    loaded = MacCapConfig.from_pretrained(tmp_path)
+    assert {k: getattr(loaded, k) for k in values} == values
