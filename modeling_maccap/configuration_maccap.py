@@ -34,6 +34,18 @@ class MacCapConfig(PreTrainedConfig):
             reference code's 80, set by `maccap convert-original`); None scores the whole caption (up to CLIP's 77
             tokens).
         vqa_prompt (`str`): the zero-shot VQA prompt placed after the prefix; must contain "{question}".
+
+        PCM-Net (Luo et al., ECCV-24; off by default, and then nothing below changes an output):
+        patch_keys (`bool`): the aligner's keys also hold the image's projected, L2-normalised patch tokens, after
+            the k features (a model trained on (image, caption) pairs; text-only training has no patches).
+        concepts (`list[str]`, *optional*): the concept vocabulary; its prompt-ensembled CLIP text embeddings are
+            the `concept_embeds` buffer saved with the weights, and `concept_projection` maps a patch's concept
+            feature into the aligner's keys. Needs `patch_keys`.
+        salient_concepts (`int`): the image's top concepts by softmax(cos(image, concept) / concept_temperature).
+        concept_pairs (`int`): the top (patch, concept) pairs of the joint softmax; their patches are the selected
+            ones (mixed up in training, given a concept token at inference).
+        concept_temperature (`float`): the temperature of the three softmaxes above (0.01 in the paper).
+        concept_tokens (`bool`): at inference, append the concept tokens of the selected patches to the keys.
     """
 
     model_type = "maccap"
@@ -59,6 +71,13 @@ class MacCapConfig(PreTrainedConfig):
     rerank: bool = True
     rerank_max_characters: int | None = None
     vqa_prompt: str = "Question: {question} Short answer:"
+    # PCM-Net (off by default).
+    patch_keys: bool = False
+    concepts: list[str] | None = None
+    salient_concepts: int = 5
+    concept_pairs: int = 5
+    concept_temperature: float = 0.01
+    concept_tokens: bool = True
 
     def __post_init__(self, **kwargs):
         # A composite config resets the sub-configs' attention implementation unless told otherwise; the
@@ -95,6 +114,23 @@ class MacCapConfig(PreTrainedConfig):
     def validate_vqa_prompt(self):
         if "{question}" not in self.vqa_prompt:
             raise ValueError(f"vqa_prompt must contain '{{question}}', got {self.vqa_prompt!r}")
+
+    def validate_concepts(self):
+        for name in ("salient_concepts", "concept_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.concept_temperature <= 0:
+            raise ValueError(f"concept_temperature must be > 0, got {self.concept_temperature}")
+        if self.concepts is None:
+            return
+        if not self.patch_keys:
+            raise ValueError("concepts need patch_keys=True: the concept features mix into the patch keys")
+        bad = [c for c in self.concepts if not isinstance(c, str) or not c.strip()]
+        if bad or len(set(self.concepts)) != len(self.concepts):
+            raise ValueError(f"concepts must be distinct non-empty strings, got {len(bad)} empty and "
+                             f"{len(self.concepts) - len(set(self.concepts))} repeated")
+        if self.salient_concepts > len(self.concepts):
+            raise ValueError(f"salient_concepts={self.salient_concepts} exceeds the {len(self.concepts)} concepts")
 
     @property
     def projector_dim(self) -> int:

@@ -127,10 +127,11 @@ class MacCapAlignerLayer(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, queries, features):
+    def forward(self, queries, features, key_padding_mask=None):
         x = self.norm1(queries + self.dropout(self.self_attn(queries, queries, queries, need_weights=False)[0]))
-        # No positional encoding on the keys: the k features are a set.
-        x = self.norm2(x + self.dropout(self.cross_attn(x, features, features, need_weights=False)[0]))
+        # No positional encoding on the keys: the k features are a set. key_padding_mask: True = not a key.
+        x = self.norm2(x + self.dropout(self.cross_attn(x, features, features, key_padding_mask=key_padding_mask,
+                                                        need_weights=False)[0]))
         return self.norm3(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
 
 
@@ -149,15 +150,55 @@ class MacCapProjector(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.mlp = nn.ModuleList([nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, lm_hidden)])
 
-    def forward(self, features):
+    def forward(self, features, key_padding_mask=None):
         x = self.queries.weight.unsqueeze(0).expand(features.shape[0], -1, -1)
         features = features.to(x.dtype)
         for layer in self.layers:
-            x = layer(x, features)
+            x = layer(x, features, key_padding_mask)
         x = self.norm(x)
         for i, linear in enumerate(self.mlp):
             x = linear(x) if i == len(self.mlp) - 1 else F.relu(linear(x))
         return x
+
+
+# ------------------------------------------------------------------ PCM-Net's salient concepts (off by default)
+def salient_concepts(image_embeds, concept_embeds, count, temperature):
+    """The image's top `count` concepts by softmax(cos(image, concept) / temperature) -> (probabilities, indices),
+    each (batch, count)."""
+    logits = F.normalize(image_embeds.float(), dim=-1) @ F.normalize(concept_embeds.float(), dim=-1).T
+    return (logits / temperature).softmax(-1).topk(count, dim=-1)
+
+
+def patch_concept_features(patch_embeds, concepts, temperature):
+    """Cosine of every patch with each of its image's concepts, sim (batch, patches, concepts), and the per-patch
+    concept feature v_p = sum_c softmax_c(sim_pc / temperature) t_c (batch, patches, dim)."""
+    concepts = F.normalize(concepts.float(), dim=-1)
+    sim = F.normalize(patch_embeds.float(), dim=-1) @ concepts.transpose(1, 2)
+    return sim, (sim / temperature).softmax(-1) @ concepts
+
+
+def selected_patches(sim, pairs, temperature):
+    """The patches of the top `pairs` (patch, concept) pairs of one softmax over all of an image's pairs
+    (sim / temperature): a (batch, patches) bool mask; a patch in two pairs is selected once."""
+    batch, patches, concepts = sim.shape
+    top = (sim.flatten(1) / temperature).softmax(-1).topk(min(pairs, patches * concepts), dim=-1).indices
+    mask = torch.zeros(batch, patches * concepts, dtype=torch.bool, device=sim.device).scatter(1, top, True)
+    return mask.view(batch, patches, concepts).any(-1)
+
+
+@dataclass
+class MacCapConceptOutput(ModelOutput):
+    """
+    patch_embeds: (batch, patches, joint_dim): e_p, the projected, normalised patch tokens (P without the CLS).
+    concept_ids: (batch, salient_concepts): the image's salient concepts (indices into config.concepts).
+    concept_features: (batch, patches, joint_dim): v_p, each patch's mix of the salient concepts' embeddings.
+    selected: (batch, patches): the patches of the top (patch, concept) pairs.
+    """
+
+    patch_embeds: torch.FloatTensor | None = None
+    concept_ids: torch.LongTensor | None = None
+    concept_features: torch.FloatTensor | None = None
+    selected: torch.BoolTensor | None = None
 
 
 def load_clip_model(clip, dtype=None):
@@ -193,6 +234,9 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.clip = clip if clip is not None else AutoModel.from_config(config.clip_config)
         self.projector = MacCapProjector(config)
+        if config.concepts is not None:  # PCM-Net: the vocabulary's CLIP text embeddings and their projection
+            self.register_buffer("concept_embeds", torch.zeros(len(config.concepts), config.projector_dim))
+            self.concept_projection = nn.Linear(config.projector_dim, config.projector_dim)
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
@@ -317,9 +361,47 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         pixel_values = pixel_values.detach().to("cpu", torch.float32)  # one transfer for the batch, not one per image
         return [torch.Generator().manual_seed(image_seed(p, noise_seed)) for p in pixel_values]
 
-    def _prefix_from_features(self, features, variance, generators=None):
+    def _prefix_from_features(self, features, variance, generators=None, extra_keys=None):
         noise = sample_noise(features.shape, variance, generators, device=features.device)
-        return self.projector(noise_injection(features, noise).to(self.projector.queries.weight.device))
+        keys, mask = noise_injection(features, noise), None
+        if extra_keys is not None:  # PCM-Net's keys after the k noisy features (no noise on them)
+            keys, mask = self._with_extra_keys(keys, *extra_keys)
+        device = self.projector.queries.weight.device
+        return self.projector(keys.to(device), None if mask is None else mask.to(device))
+
+    # ----------------------------------------------------------------------- PCM-Net (config.patch_keys)
+    def get_concept_features(self, subregions):
+        """PCM-Net's salient concepts of each image (`subregions`: get_subregion_features' output): the top
+        config.salient_concepts by softmax(cos(g, t_c) / T), each patch's concept feature v_p and the patches of
+        the top config.concept_pairs (patch, concept) pairs."""
+        config = self.config
+        patch_embeds = subregions.token_embeds[:, 1:]
+        _, concept_ids = salient_concepts(subregions.image_embeds, self.concept_embeds, config.salient_concepts,
+                                          config.concept_temperature)
+        sim, features = patch_concept_features(patch_embeds, self.concept_embeds[concept_ids],
+                                               config.concept_temperature)
+        return MacCapConceptOutput(patch_embeds=patch_embeds, concept_ids=concept_ids, concept_features=features,
+                                   selected=selected_patches(sim, config.concept_pairs, config.concept_temperature))
+
+    def extra_aligner_keys(self, subregions):
+        """The keys after the k features at inference (config.patch_keys): the patch tokens e_p, then, with
+        concepts and config.concept_tokens, the concept token Linear(v_p) of every patch, of which only the selected
+        ones are keys. -> (keys, key_padding_mask: True = not a key, or None)."""
+        patch_embeds = subregions.token_embeds[:, 1:]
+        if self.config.concepts is None or not self.config.concept_tokens:
+            return patch_embeds, None
+        concepts = self.get_concept_features(subregions)
+        tokens = self.concept_projection(concepts.concept_features.to(self.concept_projection.weight.dtype))
+        keys = torch.cat([patch_embeds, tokens.float()], dim=1)
+        return keys, torch.cat([torch.zeros_like(concepts.selected), ~concepts.selected], dim=1)
+
+    @staticmethod
+    def _with_extra_keys(keys, extra, extra_mask=None):
+        keys = torch.cat([keys, extra.to(keys.device, keys.dtype)], dim=1)
+        if extra_mask is None:
+            return keys, None
+        mask = torch.zeros(keys.shape[0], keys.shape[1] - extra.shape[1], dtype=torch.bool, device=keys.device)
+        return keys, torch.cat([mask, extra_mask.to(keys.device)], dim=1)
 
     # ----------------------------------------------------------------------------------------------- training
     def forward(self, input_ids=None, attention_mask=None, labels=None, clip_input_ids=None,
@@ -331,9 +413,10 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("forward needs input_ids: the LM tokens of the captions (BOS first)")
         if pixel_values is not None:
-            features = self.get_subregion_features(pixel_values).subregion_features
-            prefix = self._prefix_from_features(features, self.config.inference_noise_variance,
-                                                self._image_generators(pixel_values, noise_seed))
+            subregions = self.get_subregion_features(pixel_values)
+            extra = {"extra_keys": self.extra_aligner_keys(subregions)} if self.config.patch_keys else {}
+            prefix = self._prefix_from_features(subregions.subregion_features, self.config.inference_noise_variance,
+                                                self._image_generators(pixel_values, noise_seed), **extra)
         else:
             if clip_text_embeds is None:
                 if clip_input_ids is None:
@@ -387,7 +470,9 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         _check_generate_arguments(pixel_values, rerank, processor, max_decode_rows, generate_kwargs)
 
         subregions = self.get_subregion_features(pixel_values)  # one vision pass per image
-        prefix = self.noisy_prefixes(subregions.subregion_features, n, self._image_generators(pixel_values, noise_seed))
+        extra = {"extra_keys": self.extra_aligner_keys(subregions)} if self.config.patch_keys else {}
+        prefix = self.noisy_prefixes(subregions.subregion_features, n, self._image_generators(pixel_values, noise_seed),
+                                     **extra)
         prompt_ids, prompt_mask = self._prompts(input_ids, attention_mask, pixel_values.shape[0], n)
         sequences = self.decode_prefixes(prefix, prompt_ids, prompt_mask, max_decode_rows, **generate_kwargs)
         if not rerank:
@@ -395,14 +480,18 @@ class MacCapForConditionalGeneration(MacCapPreTrainedModel, GenerationMixin):
         out = self.rerank(sequences, prompt_ids.shape[1], subregions.image_embeds, processor)
         return out if return_dict else out.sequences
 
-    def noisy_prefixes(self, features, num_candidates, generators=None):
+    def noisy_prefixes(self, features, num_candidates, generators=None, extra_keys=None):
         """Noise injection at inference: each image's k features repeated per candidate, every copy with noise of its
         own (`config.inference_noise_variance`), through the projector -> (batch x candidates, queries, lm_hidden).
-        `generators`: one per image (its candidates draw from it in turn), or None for the global RNG."""
+        `generators`: one per image (its candidates draw from it in turn), or None for the global RNG.
+        `extra_keys`: (keys, key_padding_mask or None) per image, after the noisy features (config.patch_keys)."""
         features = features.repeat_interleave(num_candidates, dim=0)
         if generators is not None:
             generators = [g for g in generators for _ in range(num_candidates)]
-        return self._prefix_from_features(features, self.config.inference_noise_variance, generators)
+        if extra_keys is None:
+            return self._prefix_from_features(features, self.config.inference_noise_variance, generators)
+        extra_keys = tuple(None if x is None else x.repeat_interleave(num_candidates, dim=0) for x in extra_keys)
+        return self._prefix_from_features(features, self.config.inference_noise_variance, generators, extra_keys)
 
     def decode_prefixes(self, prefix, prompt_ids, prompt_mask, max_decode_rows=None, **generate_kwargs):
         """The LM's continuation of each [prefix | prompt] row -> `[prompt | new tokens]` (x num_return_sequences).
@@ -579,5 +668,5 @@ def _check_questions(questions, batch):
 MacCapConfig.register_for_auto_class()
 MacCapForConditionalGeneration.register_for_auto_class("AutoModel")
 
-__all__ = ["MacCapForConditionalGeneration", "MacCapPreTrainedModel", "MacCapProjector", "noise_injection",
-           "sample_noise"]
+__all__ = ["MacCapConceptOutput", "MacCapForConditionalGeneration", "MacCapPreTrainedModel", "MacCapProjector",
+           "noise_injection", "patch_concept_features", "salient_concepts", "sample_noise", "selected_patches"]

@@ -6,10 +6,12 @@ import argparse
 import sys
 
 from ..demo import demo
-from . import captioning, convert_original, evaluation, hub, onnx_export, selfcheck, serve, training, vqa
+from . import (captioning, convert_original, evaluation, hub, onnx_export, pcm, selfcheck, serve, synthesize, training,
+               vqa)
 from .errors import MacCapError
 
-COMMANDS = (demo, selfcheck, training, hub, convert_original, captioning, evaluation, vqa, serve, onnx_export)
+COMMANDS = (demo, selfcheck, training, pcm, synthesize, hub, convert_original, captioning, evaluation, vqa, serve,
+            onnx_export)
 
 
 def build_parser():

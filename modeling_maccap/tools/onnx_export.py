@@ -179,6 +179,9 @@ def export_onnx(model, out, opset=OPSET, check=True):
         raise MacCapError("the model has no processor (image processor and tokenizers): an ONNX export needs one")
     if model.dtype != torch.float32:
         raise MacCapError(f"the ONNX export is float32; the model is in {model.dtype}: load it with dtype=float32")
+    if model.config.patch_keys:
+        raise MacCapError("the ONNX export has no graph for PCM-Net's patch and concept keys (config.patch_keys): "
+                          "caption this model with PyTorch")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
