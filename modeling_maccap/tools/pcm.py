@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from ..modeling_maccap import noise_injection, sample_noise
 from ..transformers_compat import accepts_argument
 from .errors import MacCapError, listing, read_text
-from .training import FEATURE_COLUMN, MacCapTrainer, cache_text_features, default_cache_dir, token_accuracy_counts
+from .training import (FEATURE_COLUMN, MacCapTrainer, cache_text_features, default_cache_dir, save_run,
+                       token_accuracy_counts)
 
 logger = logging.getLogger(__name__)
 
@@ -249,14 +250,8 @@ def train_pcm(pairs, output_dir, *, clip, lm, settings=PCMSettings(), concepts=N
                          data_collator=(collator or PairCollator)(processor), processing_class=processor,
                          callbacks=callbacks, pcm_settings=settings)
     trainer.train()
-    trainer.save_model(str(output_dir))  # weights (concept_embeds too), config, remote code, processor
-    output_dir = Path(output_dir)
-    if trainer.is_world_process_zero():
-        (output_dir / "training_args.bin").unlink(missing_ok=True)  # no pickle in the folder
-        (output_dir / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
-        (output_dir / "pcm_settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2),
-                                                      encoding="utf-8")
-    return output_dir
+    # The weights hold concept_embeds too.
+    return save_run(trainer, output_dir, files={"pcm_settings.json": json.dumps(dataclasses.asdict(settings), indent=2)})
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

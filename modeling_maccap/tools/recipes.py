@@ -231,7 +231,7 @@ def train_recipe(hub_config, output_dir, recipe, *, clip=None, lm=None, max_step
     from transformers import TrainingArguments, set_seed
 
     from .pairs import load_image_folder, load_pairs
-    from .training import _precision, cache_text_features, default_cache_dir, prepare_run, split_corpus
+    from .training import _precision, cache_text_features, default_cache_dir, prepare_run, save_run, split_corpus
 
     recipe.check()
     output_dir, checkpoint, arguments = prepare_run(hub_config, output_dir, resume, push_to_hub, max_steps)
@@ -274,20 +274,8 @@ def train_recipe(hub_config, output_dir, recipe, *, clip=None, lm=None, max_step
     if reference is not None:
         reference.to(args.device)
     trainer.train(resume_from_checkpoint=checkpoint if resume else None)
-    trainer.save_model(str(output_dir))
-    if trainer.is_world_process_zero():
-        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-        (output_dir / "training_args.bin").unlink(missing_ok=True)
-        (output_dir / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
-        (output_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2), encoding="utf-8")
-        if push_to_hub:
-            from .hub import push, stage
-
-            staging_dir = output_dir.parent / f"{output_dir.name}-hub-staging"
-            stage(output_dir, hub_config, staging_dir, repo_id=push_to_hub)
-            url = push(staging_dir, push_to_hub, exist_ok=True)
-            logger.warning(f"pushed {output_dir} to {push_to_hub}: {url}")
-    return output_dir
+    return save_run(trainer, output_dir, files={"recipe.json": json.dumps(dataclasses.asdict(recipe), indent=2)},
+                    hub_config=hub_config, push_to_hub=push_to_hub)
 
 
 # -------------------------------------------------------------------------------------------------- the card

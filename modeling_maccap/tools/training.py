@@ -313,12 +313,22 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
     trainer = MacCapTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             data_collator=CaptionCollator(processor), processing_class=processor, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=checkpoint if resume else None)
-    trainer.save_model(str(output_dir))  # weights, config, remote code, and the processor (processing_class)
+    return save_run(trainer, output_dir, hub_config=hub_config, push_to_hub=push_to_hub)
+
+
+def save_run(trainer, output_dir, *, files=None, hub_config=None, push_to_hub=None):
+    """Save a finished run to `output_dir`: the model (weights, config, remote code, the processor) and, on the main
+    process, its state and arguments as JSON (no pickle), `files` ({name: text}), then with `push_to_hub` the
+    staged folder pushed as `maccap upload` does. Returns the output folder."""
+    output_dir = Path(output_dir)
+    trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
         # The Trainer pickles its arguments; keep them as JSON instead, so the folder holds no pickle at all.
         (output_dir / "training_args.bin").unlink(missing_ok=True)
-        (output_dir / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
+        (output_dir / "training_args.json").write_text(trainer.args.to_json_string(), encoding="utf-8")
+        for name, text in (files or {}).items():
+            (output_dir / name).write_text(text, encoding="utf-8")
         if push_to_hub:
             from .hub import push, stage
 
