@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from modeling_maccap.demo import components, report, world  # noqa: E402
-from modeling_maccap.demo.demo import DemoSettings, world_part  # noqa: E402
+from modeling_maccap.demo.demo import DemoSettings, _caption, world_part  # noqa: E402
 
 PROBABILITIES = (0.0, 0.3)
 # (name, PCMSettings fields); every synthetic variant has patch keys and the label-smoothed loss (eps 0.1).
@@ -100,18 +100,10 @@ def training_arguments(settings):
             "seed": settings.seed, "report_to": "none", "dataloader_pin_memory": False, "use_cpu": True}
 
 
-def caption(folder, pixel_values, seed, batch_size=100):
-    import torch
-
+def caption(folder, pixel_values, seed):
     from modeling_maccap import MacCapForConditionalGeneration
 
-    model = MacCapForConditionalGeneration.from_pretrained(folder).eval()
-    captions = []
-    with torch.no_grad():
-        for start in range(0, len(pixel_values), batch_size):
-            ids = model.generate(pixel_values=pixel_values[start:start + batch_size], noise_seed=seed)
-            captions += model.processor.batch_decode(ids)
-    return captions
+    return _caption(MacCapForConditionalGeneration.from_pretrained(folder).eval(), pixel_values, seed, {})
 
 
 def clip_scores(clip_model, processor, image_embeds, captions):

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from modeling_maccap import MacCapForConditionalGeneration  # noqa: E402
 from modeling_maccap.demo import components, report, world  # noqa: E402
-from modeling_maccap.demo.demo import DemoSettings, _quiet, world_part  # noqa: E402
+from modeling_maccap.demo.demo import DemoSettings, _caption, _quiet, world_part  # noqa: E402
 from modeling_maccap.tools.cli import main  # noqa: E402
 from modeling_maccap.tools.evaluation import caption_scores, find_java  # noqa: E402
 
@@ -94,14 +94,9 @@ def train_cli(arguments, log):
     return round(time.perf_counter() - started, 1)
 
 
-def caption_all(folder, pixel_values, seed, batch_size=100):
+def caption_all(folder, pixel_values, seed):
     model = MacCapForConditionalGeneration.from_pretrained(folder).eval()
-    captions = []
-    with torch.no_grad():
-        for start in range(0, len(pixel_values), batch_size):
-            ids = model.generate(pixel_values=pixel_values[start:start + batch_size], noise_seed=seed)
-            captions += model.processor.batch_decode(ids)
-    return model, captions
+    return model, _caption(model, pixel_values, seed, {})
 
 
 def measure(model, captions, test, pixel_values, java, settings):

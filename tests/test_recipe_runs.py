@@ -3,10 +3,7 @@ where an uninterrupted run ends, with no batch lost or repeated; two processes u
 epoch, keep the same weights at every step (their gradients are averaged) and take the single-process step count."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,9 @@ from safetensors.torch import load_file
 
 from modeling_maccap import MacCapForConditionalGeneration
 
+from . import test_training_runs as training_runs
 from .test_supervised import CAPTIONS, write_images
+from .test_training_runs import batches
 from .test_training import write_hub_config
 
 WORKER = Path(__file__).parent / "recipe_worker.py"
@@ -35,14 +34,7 @@ def recipe_arguments(tmp_path, recipe):
 
 
 def run_worker(tmp_path, hub_config, components, out, log, extra, launcher=(), env=None):
-    command = [sys.executable, *launcher, str(WORKER), "train", "--hub-config", str(hub_config), "--clip",
-               components[0], "--lm", components[1], "--output-dir", str(out), *extra]
-    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=600,
-                          env={**os.environ, "MACCAP_BATCH_LOG": str(log), **(env or {})})
-
-
-def batches(log):
-    return [json.loads(line) for line in Path(log).read_text().splitlines()]
+    return training_runs.run_worker(tmp_path, hub_config, components, out, log, launcher, env, *extra, worker=WORKER)
 
 
 def rows(batch_list):

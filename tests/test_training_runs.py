@@ -24,9 +24,9 @@ CAPTIONS = [f"a {colour} {thing} on the {place}" for colour in ("red", "blue", "
             for thing in ("cat", "dog") for place in ("grass", "table")] + ["", "a bird", "a car", "  ", "a tree", "a bus"]
 
 
-def run_worker(tmp_path, hub_config, components, out, log, launcher=(), env=None, *extra):
-    """`maccap train` through tests/train_worker.py in a fresh process; returns the finished process."""
-    command = [sys.executable, *launcher, str(WORKER), "train", "--hub-config", str(hub_config), "--clip",
+def run_worker(tmp_path, hub_config, components, out, log, launcher=(), env=None, *extra, worker=WORKER):
+    """`maccap train` through `worker` (tests/train_worker.py) in a fresh process; returns the finished process."""
+    command = [sys.executable, *launcher, str(worker), "train", "--hub-config", str(hub_config), "--clip",
                components[0], "--lm", components[1], "--output-dir", str(out), *extra]
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=600,
                           env={**os.environ, "MACCAP_BATCH_LOG": str(log), **(env or {})})
