@@ -11,14 +11,12 @@ Environment:
 
 import json
 import os
-import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from modeling_maccap.tools import recipes  # noqa: E402
-from modeling_maccap.tools.cli import main  # noqa: E402
-from train_worker import kill_at  # noqa: E402  (this folder is on sys.path: it holds the script)
+from train_worker import run  # noqa: E402  (this folder is on sys.path: it holds the script)
 
 
 def log_batches(path):
@@ -50,8 +48,4 @@ def log_batches(path):
 
 
 if __name__ == "__main__":
-    if os.environ.get("MACCAP_BATCH_LOG"):
-        log_batches(f"{os.environ['MACCAP_BATCH_LOG']}.{os.environ.get('RANK', '0')}")
-    if os.environ.get("MACCAP_KILL_AT_STEP"):
-        kill_at(int(os.environ["MACCAP_KILL_AT_STEP"]))
-    sys.exit(main(sys.argv[1:]))
+    run(log_batches)

@@ -58,9 +58,15 @@ def kill_at(step):
     training.MacCapTrainer.__init__ = init_with_kill
 
 
-if __name__ == "__main__":
+def run(install_batch_log):
+    """The worker's entry: the batch log (`install_batch_log(path)`) and the kill step from the environment, then
+    `maccap train` on the command line's arguments."""
     if os.environ.get("MACCAP_BATCH_LOG"):
-        log_batches(f"{os.environ['MACCAP_BATCH_LOG']}.{os.environ.get('RANK', '0')}")
+        install_batch_log(f"{os.environ['MACCAP_BATCH_LOG']}.{os.environ.get('RANK', '0')}")
     if os.environ.get("MACCAP_KILL_AT_STEP"):
         kill_at(int(os.environ["MACCAP_KILL_AT_STEP"]))
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    run(log_batches)
