@@ -33,8 +33,8 @@ from pycocoevalcap.bleu.bleu import Bleu  # noqa: E402
 from pycocoevalcap.cider.cider import Cider  # noqa: E402
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # noqa: E402
 
-TINY = DemoSettings(clip_scenes=64, text_scenes=48, test_scenes=8, clip_steps=6, lm_steps=6, projector_steps=6,
-                    batch_size=16, bootstrap_samples=200, contact_sheet_images=3)
+TINY = DemoSettings(clip_scenes=64, text_scenes=48, test_scenes=8, clip_steps=6, lm_steps=6, lm_round_steps=2,
+                    lm_probe_scenes=6, projector_steps=6, batch_size=16, bootstrap_samples=200, contact_sheet_images=3)
 ROW_NAMES = [row for row, *_ in ROWS]
 
 
@@ -164,6 +164,34 @@ def test_caption_to_image_recall_is_the_demo_clips_own_ranking(written):
     assert results["diagnostics"]["clip_names_salient_position"] == right / TINY.test_scenes
 
 
+def copy_rates_by_hand(lm, tokenizer, scenes):
+    """The LM's in-context copy rates over (scene, captions) pairs, from strings: after a scene's first caption, BOS
+    and "a large", its likeliest colour; after "a large <the salient colour>", its likeliest shape; and after
+    "a <colour> <shape> in the <position>", BOS and "a <colour> <shape> in the", its likeliest position by the
+    whole sequence's log-likelihood (its context is the same for every position)."""
+    def likeliest(context, words):
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([tokenizer(context)["input_ids"]])).logits[0, -1]
+        return max(words, key=lambda word: logits[tokenizer(" " + word)["input_ids"][0]])
+
+    colour_right = shape_right = position_right = 0
+    for scene, captions in scenes:
+        salient = scene.salient
+        context = f"<|endoftext|>{captions[0]}<|endoftext|>a large"
+        colour_right += likeliest(context, world.COLOURS) == salient.colour
+        shape_right += likeliest(f"{context} {salient.colour}", world.SHAPES) == salient.shape
+        phrase = f"a {salient.colour} {salient.shape} in the"
+
+        def loglik(place):
+            ids = torch.tensor([tokenizer(f"<|endoftext|>{phrase} {salient.position}<|endoftext|>{phrase} {place}")
+                                ["input_ids"]])
+            with torch.no_grad():
+                return -lm(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+
+        position_right += max(world.POSITIONS, key=loglik) == salient.position
+    return colour_right / len(scenes), shape_right / len(scenes), position_right / len(scenes)
+
+
 def test_the_floor_is_the_lms_own_caption_and_the_control_moves_every_caption_to_another_image(written):
     folder, results, data = written
     predictions = data["predictions"]
@@ -173,39 +201,13 @@ def test_the_floor_is_the_lms_own_caption_and_the_control_moves_every_caption_to
                       do_sample=False, pad_token_id=lm.config.eos_token_id)
     own = tokenizer.decode(ids[0, 1:], skip_special_tokens=True).strip()
     assert set(predictions["floor: LM without prefix"].values()) == {own.split("\n")[0].strip()}
-    # The in-context diagnostic: after a scene's first reference, BOS and "a large", the LM's likeliest colour.
-    right = shape_right = 0
-    for i in range(TINY.test_scenes):
-        scene = world.sample_scene(TINY.seed, "test", i)
-        context = tokenizer(f"<|endoftext|>{data['references'][str(i)][0]}<|endoftext|>a large")["input_ids"]
-        with torch.no_grad():
-            logits = lm(input_ids=torch.tensor([context])).logits[0, -1]
-        colours = {colour: logits[tokenizer(" " + colour)["input_ids"][0]] for colour in world.COLOURS}
-        right += max(colours, key=colours.get) == scene.salient.colour
-        # Then, after "a large <the salient colour>", the likeliest shape.
-        context = tokenizer(f"<|endoftext|>{data['references'][str(i)][0]}<|endoftext|>a large "
-                            f"{scene.salient.colour}")["input_ids"]
-        with torch.no_grad():
-            logits = lm(input_ids=torch.tensor([context])).logits[0, -1]
-        shapes = {shape: logits[tokenizer(" " + shape)["input_ids"][0]] for shape in world.SHAPES}
-        shape_right += max(shapes, key=shapes.get) == scene.salient.shape
-    assert results["diagnostics"]["lm_copies_salient_colour"] == right / TINY.test_scenes
-    assert results["diagnostics"]["lm_copies_salient_shape"] == shape_right / TINY.test_scenes
-    # And after "a <colour> <shape> in the <position>", BOS and "a <colour> <shape> in the": the likeliest position,
-    # by the whole sequence's log-likelihood (its context is the same for every position).
-    right = 0
-    for i in range(TINY.test_scenes):
-        salient = world.sample_scene(TINY.seed, "test", i).salient
-        phrase = f"a {salient.colour} {salient.shape} in the"
-
-        def loglik(position):
-            ids = torch.tensor([tokenizer(f"<|endoftext|>{phrase} {salient.position}<|endoftext|>{phrase} {position}")
-                                ["input_ids"]])
-            with torch.no_grad():
-                return -lm(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
-
-        right += max(world.POSITIONS, key=loglik) == salient.position
-    assert results["diagnostics"]["lm_copies_salient_position"] == right / TINY.test_scenes
+    test = [(world.sample_scene(TINY.seed, "test", i), data["references"][str(i)]) for i in range(TINY.test_scenes)]
+    colour, shape, position = copy_rates_by_hand(lm, tokenizer, test)
+    assert results["diagnostics"]["lm_copies_salient_colour"] == colour
+    assert results["diagnostics"]["lm_copies_salient_shape"] == shape
+    assert results["diagnostics"]["lm_copies_salient_position"] == position
+    assert results["diagnostics"]["lm_pretraining_probes"] == json.loads(
+        (folder / "work" / "lm" / "pretraining_probes.json").read_text())
     full, shuffled = predictions["full method"], predictions["control: shuffled images"]
     order = results["control_order"]  # every image gets another image's caption: a derangement, fixed by the seed
     assert sorted(order) == list(range(TINY.test_scenes)) and all(j != i for i, j in enumerate(order))
@@ -256,6 +258,34 @@ def test_the_demo_lm_is_a_llama_of_the_settings_width_depth_and_heads(tmp_path):
             config["num_key_value_heads"]) == (32, 1, 2, 2)
 
 
+def test_lm_pretraining_goes_on_in_rounds_while_a_probe_copy_rate_is_below_the_target(tmp_path):
+    settings = dataclasses.replace(TINY, lm_width=32, lm_layers=1, lm_heads=2, lm_steps=2, lm_round_steps=1,
+                                   lm_max_rounds=2, lm_probe_scenes=6, batch_size=2)
+    scenes = world.sample_part(settings.seed, "text", 4, settings.captions_per_scene)
+    probe_scenes = world.sample_part(settings.seed, "lm_probe", 6, settings.captions_per_scene)
+    assert not {scene.seed for scene, _ in probe_scenes} & {scene.seed for scene, _ in scenes}  # never trained on
+
+    def pretrain(name, **changes):
+        folder = Path(components.lm_folder(dataclasses.replace(settings, **changes), scenes, tmp_path / name,
+                                           log=lambda line: None))
+        probes = json.loads((folder / "pretraining_probes.json").read_text())
+        return probes, load_file(folder / "model.safetensors"), folder
+
+    # An unreachable target: every round runs, and the last probe is the saved LM's copy rates on the probe scenes.
+    probes, weights, folder = pretrain("all", lm_copy_target=1.01)
+    assert [p["steps"] for p in probes] == [2, 3, 4]
+    lm, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    assert [probes[-1][w] for w in ("colour", "shape", "position")] == list(copy_rates_by_hand(lm, tokenizer,
+                                                                                               probe_scenes))
+    # A target the first probe reaches (its lowest rate) ends pretraining there: the LM of lm_steps alone.
+    lowest = min(probes[0][w] for w in ("colour", "shape", "position"))
+    first, first_weights, _ = pretrain("first", lm_copy_target=lowest)
+    assert first == probes[:1]
+    _, no_rounds, _ = pretrain("no_rounds", lm_copy_target=1.01, lm_max_rounds=0)
+    assert all(first_weights[k].equal(no_rounds[k]) for k in no_rounds)
+    assert not all(weights[k].equal(no_rounds[k]) for k in no_rounds)  # the rounds trained it further
+
+
 def test_the_clip_position_embeddings_start_as_2d_sine_cosine_of_the_patch_row_and_column(tmp_path):
     grid, width = 4, 16
     got = components._grid_position_embeddings(grid, width)
@@ -300,7 +330,7 @@ def test_pca_axes_carry_the_largest_variances_of_the_points():
     assert explained == pytest.approx(eigenvalues[:2] / eigenvalues.sum())
 
 
-def _results(effects, distinct=300, n=500, cider=None):
+def _results(effects, distinct=300, n=500, cider=None, probes=None):
     def est(value, half=0.02):
         return {"value": value, "low": value - half, "high": value + half}
 
@@ -309,7 +339,8 @@ def _results(effects, distinct=300, n=500, cider=None):
                   "salient_words_right": {"colour": 0.5, "shape": 0.8, "position": 0.9, "names_a_position": 0.7}}
             for row in ROW_NAMES}
     return {
-        "settings": {"test_scenes": n, "seed": 0, "captions_per_scene": 5, "bootstrap_samples": 100},
+        "settings": {"test_scenes": n, "seed": 0, "captions_per_scene": 5, "bootstrap_samples": 100,
+                     "lm_copy_target": 0.9},
         "rows": rows, "components": {name: est(effects.get(name, 0.3)) for name, *_ in EFFECTS},
         "gap_closed": {"method between floor and ceiling": est(0.6),
                        "noise injection closes of the modality gap": est(0.4)},
@@ -320,7 +351,9 @@ def _results(effects, distinct=300, n=500, cider=None):
                         "loss_image_prefix_upper_bound": 0.5, "train_noise_variance": 0.016,
                         "cos_image_paired_captions": 0.3, "cos_caption_noisy_copy": 0.7,
                         "gap_centroid_distance": 0.8, "gap_centroid_distance_noisy": 0.6,
-                        "cos_subregion_features_paired_captions": 0.1, "clip_image_to_caption_R@1": 0.2},
+                        "cos_subregion_features_paired_captions": 0.1, "clip_image_to_caption_R@1": 0.2,
+                        "lm_pretraining_probes": probes or [{"steps": 600, "loss": 0.3, "colour": 1.0, "shape": 0.95,
+                                                             "position": 0.92}]},
     }
 
 
@@ -328,6 +361,8 @@ def test_each_finding_says_whether_its_component_helps_by_its_interval_and_quote
     helps = report.findings(_results({}))
     assert "0.900 nats" in helps[0] and "0.400" in helps[0] and "0.500 lower" in helps[0]
     assert "95% of the time (chance 17%)" in helps[0] and "30% of the time (chance 25%)" in helps[0]
+    assert "It was pretrained for 600 steps, after which it copied the salient colour / shape / position of the probe " \
+        "scenes (never trained on) 100% / 95% / 92% of the time." in helps[0]
     assert helps[1].startswith("Captions are image-specific: the full method writes 300 distinct captions")
     assert "0.600 [0.580, 0.620]" not in helps[2] and "0.60 [0.58, 0.62]" in helps[2]
     assert [f.split(":")[0] for f in helps[3:6]] == ["Noise injection helps", "Subregion aggregation helps",
@@ -337,6 +372,13 @@ def test_each_finding_says_whether_its_component_helps_by_its_interval_and_quote
     assert "the method closes 0.40 [0.38, 0.42]." in report.findings(_results({}, cider=ordered))[2]
     above = report.findings(_results({}, cider={"no training noise": 0.7, "upper bound: image features": 0.6}))[2]
     assert "scores 0.700, not below the upper bound" in above and "the method closes" not in above
+    rounds = [{"steps": 600, "loss": 0.4, "colour": 1.0, "shape": 1.0, "position": 0.45},
+              {"steps": 800, "loss": 0.35, "colour": 1.0, "shape": 0.5, "position": 1.0},
+              {"steps": 1000, "loss": 0.3, "colour": 1.0, "shape": 0.85, "position": 1.0}]
+    assert ("pretrained for 1000 steps, after which it copied the salient colour / shape / position of the probe "
+            "scenes (never trained on) 100% / 85% / 100% of the time; after the first 600 it copied 100% / 100% / 45%, "
+            "below the 90% that ends pretraining, so it trained 2 more round(s), still below 90% when the rounds ran "
+            "out.") in report.findings(_results({}, probes=rounds))[0]
     mixed = report.findings(_results({"noise injection": -0.1, "subregion aggregation": 0.01}, distinct=50))
     assert mixed[1].startswith("Captions are not clearly image-specific here: 50 distinct captions")
     assert mixed[1].endswith("this CLIP tells from the image 60% of the time and the LM carries from its context 30% "

@@ -123,7 +123,13 @@ def lm_folder(settings, scenes, folder, log):
     MacCap feeds it ([BOS, caption] ... EOS). Like GPT-2 on web text, the LM learns to continue from its context,
     copying what the context said, which is what lets a prefix steer it. The architecture is Llama's (rotary
     positions): with GPT-2's learned positions a model this small did not learn to copy a word from its context
-    in the demo's budget, and with rotary positions it does."""
+    in the demo's budget, and with rotary positions it does.
+
+    Which of the salient object's colour, shape and position the LM has learned to copy after `lm_steps` changes
+    with the seed and the CPU's rounding. So after them the LM is probed (`lm_copy_rates`) on scenes of the
+    "lm_probe" part, which no component trains on; while a rate is below `lm_copy_target`, pretraining goes on
+    for another `lm_round_steps` (a warm restart of the schedule at `lm_round_learning_rate`), at most
+    `lm_max_rounds` times. Each probe is written to the folder's pretraining_probes.json."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
@@ -137,26 +143,74 @@ def lm_folder(settings, scenes, folder, log):
         num_hidden_layers=settings.lm_layers, num_attention_heads=settings.lm_heads,
         num_key_value_heads=settings.lm_heads,
         max_position_embeddings=256, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lm_learning_rate, weight_decay=0.01)
-    schedule = get_cosine_schedule_with_warmup(optimizer, settings.lm_steps // 20, settings.lm_steps)
     rng = np.random.default_rng([settings.seed, 11])
     token_ids = [tokenizer(list(captions))["input_ids"] for _, captions in scenes]
-    for step in range(settings.lm_steps):
-        documents = []
-        for i in rng.choice(len(scenes), settings.batch_size):
-            order = rng.integers(len(token_ids[i]), size=settings.lm_document_captions)
-            documents.append([t for c in order for t in [bos] + token_ids[i][c]] + [eos])
-        length = max(map(len, documents))
-        input_ids = torch.tensor([d + [eos] * (length - len(d)) for d in documents])
-        attention_mask = torch.tensor([[1] * len(d) + [0] * (length - len(d)) for d in documents])
-        loss = model(input_ids=input_ids, attention_mask=attention_mask,
-                     labels=input_ids.masked_fill(attention_mask == 0, -100)).loss
-        _update(model, optimizer, schedule, loss)
-        if (step + 1) % max(settings.lm_steps // 2, 1) == 0:
-            log(f"  LM step {step + 1}/{settings.lm_steps}: loss {loss.item():.3f}")
+    probe_scenes = world.sample_part(settings.seed, "lm_probe", settings.lm_probe_scenes, settings.captions_per_scene)
+
+    def pretrain(steps, learning_rate):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+        schedule = get_cosine_schedule_with_warmup(optimizer, steps // 20, steps)
+        for step in range(steps):
+            documents = []
+            for i in rng.choice(len(scenes), settings.batch_size):
+                order = rng.integers(len(token_ids[i]), size=settings.lm_document_captions)
+                documents.append([t for c in order for t in [bos] + token_ids[i][c]] + [eos])
+            length = max(map(len, documents))
+            input_ids = torch.tensor([d + [eos] * (length - len(d)) for d in documents])
+            attention_mask = torch.tensor([[1] * len(d) + [0] * (length - len(d)) for d in documents])
+            loss = model(input_ids=input_ids, attention_mask=attention_mask,
+                         labels=input_ids.masked_fill(attention_mask == 0, -100)).loss
+            _update(model, optimizer, schedule, loss)
+        return loss.item()
+
+    probes, steps = [], 0
+    for round_ in range(settings.lm_max_rounds + 1):
+        first = round_ == 0
+        round_steps = settings.lm_steps if first else settings.lm_round_steps
+        loss = pretrain(round_steps, settings.lm_learning_rate if first else settings.lm_round_learning_rate)
+        steps += round_steps
+        rates = dict(zip(("colour", "shape", "position"), lm_copy_rates(model, tokenizer, probe_scenes)))
+        probes.append({"steps": steps, "loss": loss, **rates})
+        log(f"  LM step {steps}: loss {loss:.3f}; copies the salient colour / shape / position of "
+            f"{len(probe_scenes)} probe scenes {rates['colour']:.0%} / {rates['shape']:.0%} / {rates['position']:.0%}")
+        if min(rates.values()) >= settings.lm_copy_target:
+            break
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    (Path(folder) / "pretraining_probes.json").write_text(json.dumps(probes, indent=2) + "\n", encoding="utf-8")
     return str(folder)
+
+
+def lm_copy_rates(lm, tokenizer, scenes):
+    """The LM's in-context use, which is what lets a prefix steer it, as three rates over (scene, captions) pairs.
+    Colour: given the scene's first caption as context, then BOS and "a large", how often the LM's likeliest colour
+    is the salient object's; shape: the same context, then "a large <that colour>", how often its likeliest shape
+    is the salient object's. Position: given "a <colour> <shape> in the <position>" of the salient object, then BOS
+    and "a <colour> <shape> in the", how often its likeliest of the four positions (by the summed log-probability
+    of the position's words) is that position."""
+    import torch
+
+    bos = lm.config.bos_token_id
+    colours, positions = list(world.COLOURS), list(world.POSITIONS)
+    colour_ids = [tokenizer(" " + colour)["input_ids"][0] for colour in colours]
+    shape_ids = [tokenizer(" " + shape)["input_ids"][0] for shape in world.SHAPES]
+    position_ids = [tokenizer(" " + position)["input_ids"] for position in positions]
+    colour_right = shape_right = position_right = 0
+    with torch.no_grad():
+        for scene, captions in scenes:
+            s = scene.salient
+            context = ([bos] + tokenizer(captions[0])["input_ids"] + [bos] + tokenizer("a large")["input_ids"]
+                       + tokenizer(" " + s.colour)["input_ids"])
+            logits = lm(input_ids=torch.tensor([context])).logits[0]  # causal: [-2] sees "a large", [-1] the colour
+            colour_right += colours[int(logits[-2, colour_ids].argmax())] == s.colour
+            shape_right += world.SHAPES[int(logits[-1, shape_ids].argmax())] == s.shape
+            context = ([bos] + tokenizer(f"{s.phrase(False)} in the {s.position}")["input_ids"] + [bos]
+                       + tokenizer(f"{s.phrase(False)} in the")["input_ids"])
+            rows = torch.tensor([context + ids for ids in position_ids])  # every position is two words
+            logprobs = lm(input_ids=rows).logits.log_softmax(-1)[:, len(context) - 1:-1]
+            scores = logprobs.gather(-1, rows[:, len(context):, None]).sum((1, 2))
+            position_right += positions[int(scores.argmax())] == s.position
+    return colour_right / len(scenes), shape_right / len(scenes), position_right / len(scenes)
 
 
 # ---------------------------------------------------------------------------------------------- projectors

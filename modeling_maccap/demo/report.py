@@ -56,6 +56,22 @@ def _ci(estimate, digits=3):
     return f"{estimate['value']:.{digits}f} [{estimate['low']:.{digits}f}, {estimate['high']:.{digits}f}]"
 
 
+def _pretraining(probes, target):
+    """The LM's pretraining probes in words: how long it trained and what it copied on the probe scenes."""
+    def rates(probe):
+        return f"{probe['colour']:.0%} / {probe['shape']:.0%} / {probe['position']:.0%}"
+
+    last = probes[-1]
+    text = (f" It was pretrained for {last['steps']} steps, after which it copied the salient colour / shape / "
+            f"position of the probe scenes (never trained on) {rates(last)} of the time")
+    if len(probes) > 1:
+        text += (f"; after the first {probes[0]['steps']} it copied {rates(probes[0])}, below the {target:.0%} "
+                 f"that ends pretraining, so it trained {len(probes) - 1} more round(s)")
+    if min(last[word] for word in ("colour", "shape", "position")) < target:
+        text += f", still below {target:.0%} when the rounds ran out"
+    return text + "."
+
+
 def findings(results):
     """What the measurements say, one paragraph each: the LM's steerability, whether captions are image-specific,
     the ceiling and the floor, then each component, with what explains it where it does not help."""
@@ -75,6 +91,7 @@ def findings(results):
         f"object's position in one caption, that position in the next {d['lm_copies_salient_position']:.0%} of the "
         f"time (chance {d['chance_position']:.0%}): in-context use is what a prefix relies on, and what the LM does "
         "not carry from its context a prefix is unlikely to make it write."
+        + _pretraining(d["lm_pretraining_probes"], results["settings"]["lm_copy_target"])
         + ("" if steer > 0.05 else " The oracle is hardly below the LM alone: this world cannot show much."))
     distinct = full["distinct_captions"]
     out.append(

@@ -5,7 +5,8 @@ and each leaves things out.
 
 Everything is a pure function of (seed, part, index), so the world is the same on every machine. Parts are
 disjoint streams of scenes: "clip" trains the tiny CLIP on (image, caption) pairs, "text" gives the captions
-MacCap and its LM learn from (their images are used only by the upper bound), "test" is held out.
+MacCap and its LM learn from (their images are used only by the upper bound), "test" is held out, and "lm_probe"
+tells when the LM's pretraining may stop (no component trains on it).
 """
 
 import functools
@@ -21,7 +22,7 @@ SIZES = {"small": 0.2, "large": 0.36}  # shape extent as a fraction of the image
 POSITIONS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
              "bottom right": (0.75, 0.75)}
 BACKGROUNDS = ("dark", "gray", "striped", "speckled")
-PARTS = {"clip": 1, "text": 2, "test": 3}
+PARTS = {"clip": 1, "text": 2, "test": 3, "lm_probe": 4}
 SUPERSAMPLE = 2  # shapes are drawn at 2x and averaged down, so their edges are anti-aliased
 
 
