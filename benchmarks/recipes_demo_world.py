@@ -226,7 +226,8 @@ def run(args, log=print):
 
     results.update({
         "command": "python benchmarks/recipes_demo_world.py " + " ".join(sys.argv[1:]),
-        "settings": {"demo": "DemoSettings defaults, lm_copy_target 0 (seed %d)" % args.seed, "labelled_scenes": labelled,
+        "settings": {"demo": "DemoSettings defaults, lm_copy_target 0 (seed %d)" % args.seed,
+                     "labelled_scenes": labelled,
                      "labelled_pairs": labelled * settings.captions_per_scene,
                      "unlabelled_images": len(text_scenes) - labelled, "test_images": len(test),
                      **{k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "name")}},

@@ -361,8 +361,8 @@ def test_each_finding_says_whether_its_component_helps_by_its_interval_and_quote
     helps = report.findings(_results({}))
     assert "0.900 nats" in helps[0] and "0.400" in helps[0] and "0.500 lower" in helps[0]
     assert "95% of the time (chance 17%)" in helps[0] and "30% of the time (chance 25%)" in helps[0]
-    assert "It was pretrained for 600 steps, after which it copied the salient colour / shape / position of the probe " \
-        "scenes (never trained on) 100% / 95% / 92% of the time." in helps[0]
+    assert ("It was pretrained for 600 steps, after which it copied the salient colour / shape / position of the "
+            "probe scenes (never trained on) 100% / 95% / 92% of the time.") in helps[0]
     assert helps[1].startswith("Captions are image-specific: the full method writes 300 distinct captions")
     assert "0.600 [0.580, 0.620]" not in helps[2] and "0.60 [0.58, 0.62]" in helps[2]
     assert [f.split(":")[0] for f in helps[3:6]] == ["Noise injection helps", "Subregion aggregation helps",
