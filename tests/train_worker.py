@@ -6,6 +6,8 @@ Environment:
     MACCAP_BATCH_LOG     every training forward appends its LM token rows to BATCH_LOG.<rank> (one JSON line per
                          batch, flushed and synced before the step goes on, so a SIGKILL loses nothing written)
     MACCAP_KILL_AT_STEP  the process SIGKILLs itself when that optimizer step ends, before anything else runs
+
+Last, each process prints whether a torch.distributed process group is still up after `maccap train` returned.
 """
 
 import functools
@@ -65,7 +67,12 @@ def run(install_batch_log):
         install_batch_log(f"{os.environ['MACCAP_BATCH_LOG']}.{os.environ.get('RANK', '0')}")
     if os.environ.get("MACCAP_KILL_AT_STEP"):
         kill_at(int(os.environ["MACCAP_KILL_AT_STEP"]))
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    import torch.distributed
+
+    # The distributed tests read this: a finished run leaves no process group up for the interpreter's teardown.
+    print(f"rank {os.environ.get('RANK', '0')}: process group up after the run: {torch.distributed.is_initialized()}")
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -319,7 +319,9 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
 def save_run(trainer, output_dir, *, files=None, hub_config=None, push_to_hub=None):
     """Save a finished run to `output_dir`: the model (weights, config, remote code, the processor) and, on the main
     process, its state and arguments as JSON (no pickle), `files` ({name: text}), then with `push_to_hub` the
-    staged folder pushed as `maccap upload` does. Returns the output folder."""
+    staged folder pushed as `maccap upload` does. Then the run ends: every process waits until the folder is
+    complete, and under torchrun the process group the run's TrainingArguments set up is destroyed (a process that
+    exits with it still up can abort in its teardown). Returns the output folder."""
     output_dir = Path(output_dir)
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
@@ -336,6 +338,8 @@ def save_run(trainer, output_dir, *, files=None, hub_config=None, push_to_hub=No
             stage(output_dir, hub_config, staging_dir, repo_id=push_to_hub)
             url = push(staging_dir, push_to_hub, exist_ok=True)
             logger.warning(f"pushed {output_dir} to {push_to_hub}: {url}")
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return output_dir
 
 
