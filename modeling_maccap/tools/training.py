@@ -274,7 +274,8 @@ def train(hub_config, output_dir, *, clip=None, lm=None, max_steps=None, precisi
     `resume` continues from the last `checkpoint-N` in `output_dir`; without it, a folder that holds checkpoints
     is refused. `feature_cache=False` runs the CLIP text tower at every step instead of once per corpus
     (`cache_dir`, default under datasets' cache). `push_to_hub="org/name"` stages and pushes the result as
-    `maccap upload` does. `callbacks` are extra `TrainerCallback`s. Returns the output folder."""
+    `maccap upload` does. `callbacks` are extra `TrainerCallback`s. Under torchrun every process returns once the
+    folder is saved, and the run's process group is destroyed. Returns the output folder."""
     from transformers import TrainingArguments
 
     if not hasattr(hub_config, "training_arguments"):
