@@ -1,6 +1,7 @@
 """The supervised and clip-reward recipes in processes of their own: a run killed with SIGKILL and resumed ends
-where an uninterrupted run ends, with no batch lost or repeated; two processes under torchrun see every row once per
-epoch, keep the same weights at every step (their gradients are averaged) and take the single-process step count."""
+where an uninterrupted run ends, with no batch lost or repeated, in a folder that loads as remote code; two
+processes under torchrun see every row once per epoch, keep the same weights at every step (their gradients are
+averaged) and take the single-process step count."""
 
 import json
 import signal
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModel, pipeline
 
-from modeling_maccap import MacCapForConditionalGeneration
+from modeling_maccap import MacCapForConditionalGeneration, MacCapProcessor
 
 from . import test_training_runs as training_runs
 from .test_supervised import CAPTIONS, write_images
@@ -85,6 +87,20 @@ def test_a_recipe_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_p
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], msg=name)
     assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == steps
+
+    # The resumed run's folder is a MacCap checkpoint for any transformers user: the remote code loads its weights,
+    # and the pipeline writes the caption the package's own generate() writes.
+    remote = AutoModel.from_pretrained(tmp_path / "run", trust_remote_code=True)
+    remote_weights = remote.state_dict()
+    for name, value in got.items():
+        assert torch.equal(remote_weights[name], value), name
+    image = tmp_path / "imgs" / "0.png"
+    model = MacCapForConditionalGeneration.from_pretrained(tmp_path / "run").eval()
+    processor = MacCapProcessor.from_pretrained(tmp_path / "run")
+    expected_caption = processor.batch_decode(model.generate(**processor(images=[str(image)], return_tensors="pt")),
+                                              skip_special_tokens=True)[0]
+    captioner = pipeline("image-to-text", model=str(tmp_path / "run"), trust_remote_code=True)
+    assert captioner(str(image))[0]["generated_text"] == expected_caption
 
 
 @pytest.mark.parametrize("recipe", ["supervised", "clip-reward"])
