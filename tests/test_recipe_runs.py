@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel, pipeline
+from transformers import AutoModel
 
-from modeling_maccap import MacCapForConditionalGeneration, MacCapProcessor
+from modeling_maccap import MacCapForConditionalGeneration
 
 from . import test_training_runs as training_runs
+from .test_remote_code import fresh_process
 from .test_supervised import CAPTIONS, write_images
 from .test_training_runs import batches, process_groups_left_up
 from .test_training import write_hub_config
@@ -89,18 +90,16 @@ def test_a_recipe_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_p
     assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == steps
 
     # The resumed run's folder is a MacCap checkpoint for any transformers user: the remote code loads its weights,
-    # and the pipeline writes the caption the package's own generate() writes.
-    remote = AutoModel.from_pretrained(tmp_path / "run", trust_remote_code=True)
-    remote_weights = remote.state_dict()
+    # and in an interpreter that cannot import this package, generate() and the pipeline write the package's captions.
+    remote_weights = AutoModel.from_pretrained(tmp_path / "run", trust_remote_code=True).state_dict()
     for name, value in got.items():
         assert torch.equal(remote_weights[name], value), name
-    image = tmp_path / "imgs" / "0.png"
+    image_paths = [str(tmp_path / "imgs" / f"{i}.png") for i in range(2)]
     model = MacCapForConditionalGeneration.from_pretrained(tmp_path / "run").eval()
-    processor = MacCapProcessor.from_pretrained(tmp_path / "run")
-    expected_caption = processor.batch_decode(model.generate(**processor(images=[str(image)], return_tensors="pt")),
-                                              skip_special_tokens=True)[0]
-    captioner = pipeline("image-to-text", model=str(tmp_path / "run"), trust_remote_code=True)
-    assert captioner(str(image))[0]["generated_text"] == expected_caption
+    expected = model.processor.batch_decode(model.generate(**model.processor(images=image_paths)))
+    remote = fresh_process(str(tmp_path / "run"), image_paths, tmp_path)
+    assert remote["captions"] == expected
+    assert remote["pipe_list"] == [[{"generated_text": caption}] for caption in expected]
 
 
 @pytest.mark.parametrize("recipe", ["supervised", "clip-reward"])

@@ -64,16 +64,18 @@ def kill_at(step):
 def run(install_batch_log):
     """The worker's entry: the batch log (`install_batch_log(path)`) and the kill step from the environment, then
     `maccap train` on the command line's arguments."""
-    if os.environ.get("MACCAP_BATCH_LOG"):
-        install_batch_log(f"{os.environ['MACCAP_BATCH_LOG']}.{os.environ.get('RANK', '0')}")
+    log = os.environ.get("MACCAP_BATCH_LOG")
+    rank_log = f"{log}.{os.environ.get('RANK', '0')}" if log else None
+    if rank_log:
+        install_batch_log(rank_log)
     if os.environ.get("MACCAP_KILL_AT_STEP"):
         kill_at(int(os.environ["MACCAP_KILL_AT_STEP"]))
     status = main(sys.argv[1:])
-    if os.environ.get("MACCAP_BATCH_LOG"):
+    if rank_log:
         import torch.distributed
 
         # The distributed tests read this: a finished run leaves no process group up for the interpreter's teardown.
-        with open(f"{os.environ['MACCAP_BATCH_LOG']}.{os.environ.get('RANK', '0')}.group", "w") as report:
+        with open(f"{rank_log}.group", "w") as report:
             report.write(str(torch.distributed.is_initialized()))
     sys.exit(status)
 
