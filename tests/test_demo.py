@@ -154,12 +154,14 @@ def test_caption_to_image_recall_is_the_demo_clips_own_ranking(written):
             text = clip.get_text_features(**tokenizer(captions, padding=True, return_tensors="pt")).pooler_output
             hits = ((text @ image.T).argmax(1) == torch.arange(len(captions))).float().mean().item()
             assert results["rows"][row]["caption_to_image_R@1"]["value"] == pytest.approx(hits), row
-        # The position probe: among the salient object's four "in the <position>" captions, the one CLIP ranks first.
+        # The position probe: among the salient object's four "in the <position>" captions, the one CLIP ranks first
+        # (by cosine: the captions' embeddings normalised too).
         right = 0
         for i, pixels in enumerate(image):
             salient = world.sample_scene(TINY.seed, "test", i).salient
             captions = [f"a {salient.colour} {salient.shape} in the {p}" for p in world.POSITIONS]
             text = clip.get_text_features(**tokenizer(captions, padding=True, return_tensors="pt")).pooler_output
+            text = torch.nn.functional.normalize(text, dim=-1)
             right += list(world.POSITIONS)[int((text @ pixels).argmax())] == salient.position
     assert results["diagnostics"]["clip_names_salient_position"] == right / TINY.test_scenes
 
@@ -448,19 +450,25 @@ def test_the_text_only_runs_use_the_papers_method_through_maccap_train_hub_confi
         assert saved["train_noise_variance"] == variance
 
 
-def test_the_noise_variance_matching_the_gap_puts_a_noisy_unit_vector_as_far_from_itself_as_an_image_from_its_captions(
-        written):
-    _, results, _ = written
-    d = results["diagnostics"]
-    dim, variance = d["joint_space_dim"], d["noise_variance_matching_the_gap"]
-    assert dim == TINY.projection_dim and variance > 0
+@pytest.mark.parametrize("cosine", [0.3, 0.7, 0.92])
+def test_the_noise_variance_at_a_cosine_puts_a_noisy_unit_vector_that_far_from_itself(cosine):
+    dim = 64
+    variance = demo.noise_variance_at_cosine(cosine, dim)
     # Monte Carlo, independent of the formula: unit vectors, Gaussian noise of that variance, their mean cosine.
     rng = np.random.default_rng(0)
     unit = rng.normal(size=(20000, dim))
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
     noisy = unit + rng.normal(scale=variance**0.5, size=unit.shape)
-    cosine = (unit * noisy).sum(1) / np.linalg.norm(noisy, axis=1)
-    assert cosine.mean() == pytest.approx(d["cos_image_paired_captions"], abs=0.02)
+    assert ((unit * noisy).sum(1) / np.linalg.norm(noisy, axis=1)).mean() == pytest.approx(cosine, abs=0.02)
+    # No variance moves a noisy copy to a cosine <= 0 on average.
+    assert demo.noise_variance_at_cosine(0.0, dim) is None and demo.noise_variance_at_cosine(-0.1, dim) is None
+
+
+def test_the_demo_reports_the_variance_at_its_images_cosine_from_their_captions(written):
+    d = written[1]["diagnostics"]
+    assert d["joint_space_dim"] == TINY.projection_dim
+    assert d["noise_variance_matching_the_gap"] == demo.noise_variance_at_cosine(d["cos_image_paired_captions"],
+                                                                                 TINY.projection_dim)
 
 
 def test_where_noise_hurts_the_finding_quotes_the_variance_that_would_match_the_gap():

@@ -178,6 +178,14 @@ def _clip_names_salient_position(model, test, image_embeds):
     return sum(positions[int(i)] == scene.salient.position for i, (scene, _) in zip(picked, test)) / len(test)
 
 
+def noise_variance_at_cosine(cosine, dim):
+    """The noise variance v at which a unit vector plus N(0, v I_dim) noise sits at `cosine` from itself (about
+    1 / sqrt(1 + dim v)): where `cosine` is an image's from its captions, the variance at which a noisy caption sits
+    from its caption as far as an image does (for ViT-B/32, dim 512 and a cosine near 0.3, about 0.02, the paper's
+    order). None for a cosine <= 0 (an untrained CLIP): no noise puts a noisy copy that far from itself."""
+    return (1 / cosine**2 - 1) / dim if cosine > 0 else None
+
+
 def _diagnostics(models, test, pixel_values, sub):
     """Measured numbers that explain the table: how much a prefix tells the LM, how well the tiny CLIP matches
     held-out images with their captions, its modality gap, where the subregion features sit, and how far the
@@ -227,11 +235,8 @@ def _diagnostics(models, test, pixel_values, sub):
         "cos_captions_of_one_image": torch.einsum("bcd,bed->bce", text, text).mean().item(),
         "cos_subregion_features_paired_captions": torch.einsum("bkd,bcd->bkc", regions, text).mean().item(),
         "cos_caption_noisy_copy": (noisy * first).sum(-1).mean().item(),
-        # A unit vector plus N(0, v I_d) noise sits at cosine about 1 / sqrt(1 + d v) from itself: the variance at
-        # which a noisy caption sits from its caption as far as an image does (for ViT-B/32, d = 512 and a cosine
-        # near 0.3, that is about 0.02, the paper's order).
         "joint_space_dim": dim,
-        "noise_variance_matching_the_gap": (1 / cos_gap**2 - 1) / dim,
+        "noise_variance_matching_the_gap": noise_variance_at_cosine(cos_gap, dim),
         "gap_centroid_distance": float(np.linalg.norm(image_embeds.mean(0) - first.numpy().mean(0))),
         "gap_centroid_distance_noisy": float(np.linalg.norm(image_embeds.mean(0) - noisy.numpy().mean(0))),
     }
