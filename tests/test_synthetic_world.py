@@ -9,8 +9,8 @@ from modeling_maccap.demo import world
 from modeling_maccap.tools.tiny import tiny_clip_tokenizer, tiny_lm_tokenizer
 
 # The caption grammar, written independently of the generator: "a [size] colour shape [in the position]".
-MENTION = re.compile(r"a (?:(small|large) )?(\w+) (circle|square|triangle)(?: in the (top left|top right|bottom left|"
-                     r"bottom right))?")
+MENTION = re.compile(r"a (?:(small|large) )?(\w+) (circle|square|triangle|diamond)(?: in the (top left|top right|"
+                     r"bottom left|bottom right))?")
 BACKGROUND = re.compile(r" on a (\w+) background$")
 QUADRANTS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 
@@ -57,7 +57,7 @@ def test_each_object_is_drawn_in_its_quadrant_in_its_colour_and_size(scenes):
             pixels = quadrants.sum((1, 3))
             area = pixels[row, col]
             # A small shape spans 20% of the side (6.4 px), a large one 36% (11.5 px); a triangle covers half its
-            # box, a circle pi/4 of it; anti-aliased edges fall outside the tolerance.
+            # box, a circle pi/4 of it, a diamond half; anti-aliased edges fall outside the tolerance.
             assert (10 <= area <= 40) if obj.size == "small" else (area >= 45), (obj, area)
             same_colour = [QUADRANTS[o.position] for o in scene.objects if o.colour == obj.colour]
             elsewhere = sum(pixels[q] for q in QUADRANTS.values() if q not in same_colour)
@@ -91,6 +91,21 @@ def test_a_scene_has_four_captions_of_its_salient_object_alone_and_two_per_other
     assert len(set(scene.captions(count, np.random.default_rng(0)))) == count
     with pytest.raises(ValueError, match=f"this scene has {count} distinct captions, asked for {count + 1}"):
         scene.captions(count + 1, np.random.default_rng(0))
+    # Without the salient object alone with its position, one fewer.
+    assert len(set(scene.captions(count - 1, np.random.default_rng(0), salient_alone=False))) == count - 1
+    with pytest.raises(ValueError, match=f"this scene has {count - 1} distinct captions, asked for {count}"):
+        scene.captions(count, np.random.default_rng(0), salient_alone=False)
+
+
+def test_only_the_clip_part_captions_the_salient_object_alone_with_its_position():
+    alone = re.compile(r"^a (\w+) (\w+) in the (top|bottom) (left|right)$")  # no size, background or other object
+    for part in ("clip", "text", "test"):
+        captions = [c for _, cs in world.sample_part(seed=0, part=part, count=200, captions_per_scene=5) for c in cs]
+        share = sum(bool(alone.match(c)) for c in captions) / len(captions)
+        if part == "clip":  # 1 of a scene's 6 or 8 captions, 5 drawn: about 5/7 of scenes have it, one each
+            assert 0.1 < share < 0.2, share
+        else:
+            assert share == 0, part
 
 
 def test_the_demo_tokenizers_read_every_word_of_the_world_as_one_token(scenes):

@@ -4,8 +4,9 @@
 2. A tiny CLIP trained contrastively on (image, caption) pairs of the "clip" part, and a tiny decoder LM pretrained
    on the captions of the "text" part (the frozen LM must know the world's language, as GPT-2 knows English).
 3. MacCap's projector trained text-only on the "text" captions through `training.train`, as `maccap train`
-   does: with the paper's noise, and without it. An upper bound trains the same projector on the images of
-   the "text" scenes as `generate()` sees them instead of their caption embeddings (the only run that sees images).
+   does: with the paper's noise, and without it. The upper bound trains the first of them on for as many steps on
+   the images of the "text" scenes as `generate()` sees them instead of their caption embeddings (the only run
+   that sees images).
 4. Held-out "test" images captioned by `generate()` in each setting of ROWS, scored per image by pycocoevalcap,
    with bootstrap intervals over images, diagnostics that say why a component helps or not, two plots, a
    results page and a contact sheet (`report.py`).
@@ -30,9 +31,9 @@ ROWS = (
     ("no training noise", "no_noise", {}, "the projector trained on clean caption embeddings (variance 0)"),
     ("cls subregion mode", "noise", {"subregion_mode": "cls"}, "k copies of the global image embedding"),
     ("no reranking", "noise", {"rerank": False}, "one noisy draw per image, plain beam search"),
-    ("upper bound: image features", "image", {}, "the projector trained on the text part's images as generate() "
-                                                  "sees them (subregion features, inference noise) instead of on "
-                                                  "their caption embeddings"),
+    ("upper bound: image features", "image", {}, "the full method's projector trained on for as many steps on the "
+                                                  "text part's images as generate() sees them (subregion features, "
+                                                  "inference noise) instead of on their caption embeddings"),
     ("floor: LM without prefix", "lm_alone", {}, "the frozen LM's own beam-search caption, the same for every image"),
     ("control: shuffled images", "shuffled", {}, "the full method's captions, each scored against another "
                                                 "held-out image's references"),
@@ -45,6 +46,7 @@ EFFECTS = (
     ("image-specific captions", "full method", "control: shuffled images"),
     ("the prefix", "full method", "floor: LM without prefix"),
     ("modality gap left", "upper bound: image features", "full method"),
+    ("modality gap without noise injection", "upper bound: image features", "no training noise"),
 )
 
 
@@ -63,7 +65,8 @@ class DemoSettings:
     clip_width: int = 64
     clip_layers: int = 4
     projection_dim: int = 64
-    clip_steps: int = 1000
+    # At 1000 steps (9 colours, 4 shapes) this CLIP told the salient object's quadrant 60% of the time; at 1500 100%.
+    clip_steps: int = 1500
     clip_learning_rate: float = 2e-3
     clip_group_size: int = 4  # scenes per hard-negative group in a CLIP batch (components._hard_negative_batch)
     clip_patch_alignment: float = 1.0  # weight of the patch-token contrastive term (components.clip_folder)
@@ -345,9 +348,10 @@ def _run(output_dir, settings, log, java):
         hub_config = components.hub_config(settings, work, captions_file, clip, lm, variance)
         folders[name] = stage(f"projector, text only, noise variance {variance:g}", train, hub_config,
                               work / f"maccap-{name}", cache_dir=work / "features")
-    folders["image"] = stage("projector on image features (upper bound)", components.train_on_image_features,
+    folders["image"] = stage("the same projector on image features (upper bound)",
+                             components.train_on_image_features,
                              components.hub_config(settings, work, captions_file, clip, lm, paper_variance),
-                             images["text"], text_captions, work / "maccap-image")
+                             images["text"], text_captions, work / "maccap-image", init_from=folders["noise"])
 
     lm_probes = json.loads((Path(lm) / "pretraining_probes.json").read_text(encoding="utf-8"))
     results, predictions, references, embeddings = _evaluate(folders, parts["test"], images["test"], settings, java,

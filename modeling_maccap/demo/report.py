@@ -107,24 +107,24 @@ def findings(results):
         f"this CLIP tells from the image {d['clip_names_salient_position']:.0%} of the time and the LM carries "
         f"from its context {d['lm_copies_salient_position']:.0%} of the time (chance {d['chance_position']:.0%} "
         "each).")
-    gap, closed = effects["modality gap left"], results["gap_closed"]
-    clean_below_ceiling = (rows["no training noise"]["CIDEr"]["value"]
-                           < rows["upper bound: image features"]["CIDEr"]["value"])
+    gap, clean_gap, closed = (effects["modality gap left"], effects["modality gap without noise injection"],
+                              results["gap_closed"])
     out.append(
-        f"Ceiling and floor: the upper bound (the projector trained on image features, which a text-only method "
-        f"never has) scores CIDEr {rows['upper bound: image features']['CIDEr']['value']:.3f}, "
-        f"{_ci(gap)} above the full method, and the LM without a prefix "
-        f"{rows['floor: LM without prefix']['CIDEr']['value']:.3f}. From floor to ceiling the text-only method "
-        f"gets {_ci(closed['method between floor and ceiling'], 2)} of the way"
-        + (f"; of the gap between the projector trained on clean text (no noise injection) and the upper bound, the "
-           f"method closes {_ci(closed['noise injection closes of the modality gap'], 2)}."
-           if excludes_zero(gap) and gap["value"] > 0 and clean_below_ceiling else
-           f". The projector trained on clean text (no noise injection) scores "
-           f"{rows['no training noise']['CIDEr']['value']:.3f}, not below the upper bound, so there is no gap for "
-           "noise injection to close and that fraction is not meaningful."
-           if excludes_zero(gap) and gap["value"] > 0 else
-           ". The upper bound is not clearly above the method here, so no modality gap is left for noise injection "
-           "to close and that fraction is not meaningful."))
+        f"Ceiling and floor: the upper bound (the full method's projector trained on for as many steps on image "
+        f"features, which a text-only method never has) scores CIDEr "
+        f"{rows['upper bound: image features']['CIDEr']['value']:.3f}, {_ci(gap)} above the full method"
+        f"{'' if excludes_zero(gap) and gap['value'] > 0 else ' (not clearly above it)'}, and the LM without a "
+        f"prefix {rows['floor: LM without prefix']['CIDEr']['value']:.3f}. From floor to ceiling the text-only "
+        f"method gets {_ci(closed['method between floor and ceiling'], 2)} of the way. "
+        + (f"The projector trained on clean text (no noise injection) scores "
+           f"{rows['no training noise']['CIDEr']['value']:.3f}, {_ci(clean_gap)} below the upper bound: that is the "
+           f"modality gap, and noise injection closes {_ci(closed['noise injection closes of the modality gap'], 2)} "
+           "of it."
+           if excludes_zero(clean_gap) and clean_gap["value"] > 0 else
+           f"The projector trained on clean text (no noise injection) scores "
+           f"{rows['no training noise']['CIDEr']['value']:.3f}, not clearly below the upper bound "
+           f"({_ci(clean_gap)}), so there is no modality gap for noise injection to close and that fraction is not "
+           "meaningful."))
     explain = {
         "noise injection": (
             f"An image sits at cosine {d['cos_image_paired_captions']:.2f} from its captions, a caption's noisy copy "
