@@ -442,18 +442,44 @@ def test_the_upper_bound_is_taught_each_caption_from_its_own_scenes_image_as_gen
     assert losses[0] == losses[1] != losses[2]
 
 
+def test_the_upper_bound_starts_from_the_projector_it_is_given(demo_runs, tmp_path):
+    """At learning rate 0, training leaves the projector as it started: with init_from, the text-only one's weights;
+    without, a fresh projector's."""
+    folder, _ = demo_runs[0]
+    hub_config = json.loads((folder / "work" / f"hub_config_noise_{TINY.noise_variance}.json").read_text())
+    hub_config["training"]["arguments"].update(learning_rate=0.0, max_steps=2)
+    frozen_config = folder / "work" / "hub_config_lr0.json"  # beside the others: the corpus path is relative
+    frozen_config.write_text(json.dumps(hub_config))
+    scenes, images = demo.world_part(TINY, "text")
+    captions = [c for _, cs in scenes for c in cs]
+    text_only = load_file(folder / "work" / "maccap-noise" / "model.safetensors")
+    for init_from in (folder / "work" / "maccap-noise", None):
+        out = components.train_on_image_features(frozen_config, images, captions, tmp_path / str(init_from is None),
+                                                 init_from=init_from)
+        trained = load_file(out / "model.safetensors")
+        same = [trained[k].equal(text_only[k]) for k in text_only if k.startswith("projector.")]
+        assert all(same) if init_from else not all(same)
+        assert all(trained[k].equal(text_only[k]) for k in text_only if not k.startswith("projector."))
+
+
 def test_the_text_only_runs_use_the_papers_method_through_maccap_train_hub_configs(demo_runs):
+    """The paper's settings but the sizes and the noise variance, which is the demo's in training and at inference
+    for the noisy run and the upper bound, and 0 in training for the clean-text run."""
     folder, _ = demo_runs[0]
     defaults = MacCapConfig()
-    for variance in (0.016, 0.0):
+    assert TINY.noise_variance != defaults.train_noise_variance  # the demo's own, so the test tells them apart
+    for variance, model in ((TINY.noise_variance, "maccap-noise"), (0.0, "maccap-no_noise")):
         hub_config = load_hub_config(folder / "work" / f"hub_config_noise_{variance}.json")
         sized = {"num_queries": TINY.num_queries, "aligner_heads": 4, "aligner_ffn_dim": 4 * TINY.lm_width,
-                 "train_noise_variance": variance}
+                 "train_noise_variance": variance, "inference_noise_variance": TINY.noise_variance}
         for name, value in hub_config.maccap_settings.items():
             assert value == sized.get(name, getattr(defaults, name)), name
+        assert set(sized) <= set(hub_config.maccap_settings)
         assert hub_config.training_arguments["max_steps"] == TINY.projector_steps
-        saved = json.loads((folder / "work" / f"maccap-{'noise' if variance else 'no_noise'}" / "config.json").read_text())
-        assert saved["train_noise_variance"] == variance
+        saved = json.loads((folder / "work" / model / "config.json").read_text())
+        assert saved["train_noise_variance"] == variance and saved["inference_noise_variance"] == TINY.noise_variance
+    upper_bound = json.loads((folder / "work" / "maccap-image" / "config.json").read_text())
+    assert upper_bound["inference_noise_variance"] == TINY.noise_variance
 
 
 @pytest.mark.parametrize("cosine", [0.3, 0.7, 0.92])

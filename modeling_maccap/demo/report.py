@@ -132,11 +132,11 @@ def findings(results):
             f"the centroid distance between image and caption embeddings (the modality gap) is "
             f"{d['gap_centroid_distance']:.2f}, and {d['gap_centroid_distance_noisy']:.2f} from images to noisy "
             "captions."
-            + (" The paper's variance moves a caption further from itself than the gap moves an image from its "
+            + (" This variance moves a caption further from itself than the gap moves an image from its "
                f"caption: in this {d['joint_space_dim']}-dimensional joint space the variance that would put a noisy "
                f"caption as far from its caption as an image sits is {d['noise_variance_matching_the_gap']:.4f} "
-               f"((1/cos^2 - 1)/d), against the paper's {d['train_noise_variance']:g}, chosen for a 512-dimensional "
-               "CLIP whose images sit near cosine 0.3 from their captions (modality_gap.png)."
+               f"((1/cos^2 - 1)/d), against {d['train_noise_variance']:g} here (the paper's 0.016 was chosen for a "
+               "512-dimensional CLIP whose images sit near cosine 0.3 from their captions; modality_gap.png)."
                if d["cos_caption_noisy_copy"] < d["cos_image_paired_captions"] else "")),
         "subregion aggregation": (
             f"The paper's finding 1 measured on this CLIP: its normalised subregion features sit at cosine "
