@@ -168,9 +168,11 @@ def run(out, settings, projector_batch_size=64, projector_seed=None, log=print):
     lm = str(work / "lm") if done["lm"] else stage("LM", components.lm_folder, settings, text_scenes, work / "lm", log)
     folders = {}
     # From here on: the projectors' batch, and their seed (also the defects' draws, the noise and the bootstrap).
-    settings = dataclasses.replace(settings, batch_size=projector_batch_size,
+    # The paper's noise variance, in training and at inference, for every projector here (the PCM-Net ones take
+    # MacCapConfig's defaults): the README's PCM tables were measured so, before the demo scaled its own.
+    settings = dataclasses.replace(settings, batch_size=projector_batch_size, noise_variance=0.016,
                                    seed=settings.seed if projector_seed is None else projector_seed)
-    hub_config = components.hub_config(settings, work, captions_file, clip, lm, 0.016)
+    hub_config = components.hub_config(settings, work, captions_file, clip, lm, settings.noise_variance)
     folders["text-only MacCap"] = stage("text-only MacCap", train, hub_config, work / "text-only",
                                         cache_dir=work / "features")
 

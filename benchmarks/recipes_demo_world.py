@@ -168,7 +168,7 @@ def run(args, log=print):
             lm = components.lm_folder(settings, text_scenes, work / "lm", log)
         timings["CLIP and LM (the demo's)"] = round(time.perf_counter() - t, 1)
         text_only = None
-    hub_config = components.hub_config(settings, work, captions_file, clip, lm, 0.016)
+    hub_config = components.hub_config(settings, work, captions_file, clip, lm, settings.noise_variance)
     if captions_file.parent != work:  # the hub config names its corpus relative to its own folder
         shutil.copy(captions_file, work / captions_file.name)
     if text_only is None:
