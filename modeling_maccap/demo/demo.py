@@ -4,9 +4,9 @@
 2. A tiny CLIP trained contrastively on (image, caption) pairs of the "clip" part, and a tiny decoder LM pretrained
    on the captions of the "text" part (the frozen LM must know the world's language, as GPT-2 knows English).
 3. MacCap's projector trained text-only on the "text" captions through `training.train`, as `maccap train`
-   does: with the paper's noise, and without it. The upper bound trains the first of them on for as many steps on
-   the images of the "text" scenes as `generate()` sees them instead of their caption embeddings (the only run
-   that sees images).
+   does: with noise injection (at the demo's variance), and without it. The upper bound trains the first of them
+   on for as many steps on the images of the "text" scenes as `generate()` sees them instead of their caption
+   embeddings (the only run that sees images).
 4. Held-out "test" images captioned by `generate()` in each setting of ROWS, scored per image by pycocoevalcap,
    with bootstrap intervals over images, diagnostics that say why a component helps or not, two plots, a
    results page and a contact sheet (`report.py`).
@@ -98,7 +98,7 @@ class DemoSettings:
     # caption where this CLIP's images sit (README, the demo's step 3).
     noise_variance: float = 0.005
     # At 500 steps and lr 1e-3 the projector was the bottleneck: given a caption's own clean CLIP embedding it named
-    # the colour 71% of the time, at 1000 steps and 3e-3 89% (README, the demo's step 3).
+    # the colour 71% of the time, at 1000 steps and 3e-3 89% (in the earlier world: `git show 22de159:README.md`).
     projector_steps: int = 1000
     projector_learning_rate: float = 3e-3
     bootstrap_samples: int = 2000
