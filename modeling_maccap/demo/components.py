@@ -272,20 +272,14 @@ def train_on_image_features(hub_config_path, images, captions, output_dir, init_
     from transformers import TrainingArguments, set_seed
 
     from ..tools.hub_config import load_hub_config
-    from ..modeling_maccap import MacCapForConditionalGeneration
+    from ..tools.recipes import starting_model
     from ..tools.training import MacCapTrainer
 
     config = load_hub_config(hub_config_path)
     args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, label_names=["labels"],
                              **config.training_arguments)
     set_seed(args.seed)
-    if init_from is None:
-        model = MacCapForConditionalGeneration.from_pretrained_components(clip=config.clip, lm=config.lm,
-                                                                          **config.maccap)
-    else:
-        model = MacCapForConditionalGeneration.from_pretrained(init_from)
-        model.clip.requires_grad_(False)
-        model.language_model.requires_grad_(False)
+    model = starting_model(init_from, config, config.clip, config.lm, finetune_lm=False)
     processor = model.processor
     processor.max_caption_length = config.max_caption_length
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]

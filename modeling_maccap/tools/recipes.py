@@ -205,17 +205,19 @@ def _trainer_class():
 
 
 # ------------------------------------------------------------------------------------------------- training
-def _starting_model(recipe, hub_config, clip, lm, finetune_lm):
+def starting_model(init_from, hub_config, clip, lm, finetune_lm):
+    """The model a recipe trains: the MacCap checkpoint `init_from` (CLIP frozen, the LM unless `finetune_lm`), or
+    without it a fresh projector on the CLIP and LM checkpoints (`training.model_from_components`)."""
     from ..modeling_maccap import MacCapForConditionalGeneration
 
-    if recipe.init_from:
+    if init_from:
         try:
-            model = MacCapForConditionalGeneration.from_pretrained(recipe.init_from)
+            model = MacCapForConditionalGeneration.from_pretrained(init_from)
         except OSError as error:
-            raise MacCapError(f"--init-from {recipe.init_from}: not a MacCap checkpoint: "
+            raise MacCapError(f"--init-from {init_from}: not a MacCap checkpoint: "
                               f"{str(error).splitlines()[0]}") from None
         if model.processor is None:
-            raise MacCapError(f"--init-from {recipe.init_from}: the checkpoint has no processor files")
+            raise MacCapError(f"--init-from {init_from}: the checkpoint has no processor files")
         model.clip.requires_grad_(False)
         model.language_model.requires_grad_(finetune_lm)
         return model
@@ -243,7 +245,7 @@ def train_recipe(hub_config, output_dir, recipe, *, clip=None, lm=None, max_step
 
     finetune_lm = hub_config.finetune_lm if finetune_lm is None else finetune_lm
     set_seed(args.seed)
-    model = _starting_model(recipe, hub_config, clip or hub_config.clip, lm or hub_config.lm, finetune_lm)
+    model = starting_model(recipe.init_from, hub_config, clip or hub_config.clip, lm or hub_config.lm, finetune_lm)
     processor = model.processor
     processor.max_caption_length = hub_config.max_caption_length
     # The starting model's projector, frozen: the KL guard's reference (the LM and CLIP are shared and frozen).
