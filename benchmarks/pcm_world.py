@@ -49,7 +49,7 @@ TEMPLATES = ("a {}", "a large {}", "{}")
 def world_concepts():
     """The world's concept vocabulary: every colour, shape and colour-shape pair, and the backgrounds."""
     pairs = [f"{c} {s}" for c in world.COLOURS for s in world.SHAPES]
-    return [*pairs, *world.COLOURS, *world.SHAPES, *(f"{b} background" for b in world.BACKGROUNDS)]
+    return [*pairs, *world.COLOURS, *world.SHAPES, *(f"{b} ground" for b in world.BACKGROUNDS)]
 
 
 def corrupt(scene, rng):

@@ -55,7 +55,7 @@ def grammar():
     position, background = "|".join(world.POSITIONS), "|".join(world.BACKGROUNDS)
     plain = f"a (?:{colour}) (?:{shape})"
     large, small = f"a large (?:{colour}) (?:{shape})", f"a small (?:{colour}) (?:{shape})"
-    where, on = f"in the (?:{position})", f"on a (?:{background}) background"
+    where, on = f"in the (?:{position})", f"on (?:{background}) ground"
     forms = [f"{plain} {where}", f"{large} {where} {on}", f"{plain} {where} {on}", f"{large} {on}",
              f"{plain} and {plain}", f"{plain} {where} and {small}"]
     return re.compile("^(?:" + "|".join(forms) + ")$")

@@ -105,21 +105,25 @@ def test_every_setting_is_scored_as_pycocoevalcap_scores_its_captions(written, p
         assert results["rows"][row]["CIDEr"]["value"] == pytest.approx(expected["CIDEr"])
         assert results["rows"][row]["distinct_captions"] == len(set(data["predictions"][row].values()))
         # The salient-word shares, from the captions read by the world grammar's regular expression.
-        right = {"colour": [], "shape": [], "position": []}
+        right = {"colour": [], "shape": [], "position": [], "background": []}
         for i, caption in data["predictions"][row].items():
-            salient = world.sample_scene(TINY.seed, "test", int(i)).salient
-            colour = re.search(r"\b(red|green|blue|yellow|white|purple)\b", caption)
-            shape = re.search(r"\b(circle|square|triangle)\b", caption)
+            scene = world.sample_scene(TINY.seed, "test", int(i))
+            colour = re.search(r"\b(red|green|blue|yellow|white|purple|orange|cyan|pink)\b", caption)
+            shape = re.search(r"\b(circle|square|triangle|diamond)\b", caption)
             position = re.search(r"\b((?:top|bottom) (?:left|right))\b", caption)
-            right["colour"].append(colour is not None and colour[1] == salient.colour)
-            right["shape"].append(shape is not None and shape[1] == salient.shape)
+            background = re.search(r"\b(dark|gray|striped|speckled)\b", caption)
+            right["colour"].append(colour is not None and colour[1] == scene.salient.colour)
+            right["shape"].append(shape is not None and shape[1] == scene.salient.shape)
             if position:
-                right["position"].append(position[1] == salient.position)
+                right["position"].append(position[1] == scene.salient.position)
+            if background:
+                right["background"].append(background[1] == scene.background)
         shares = results["rows"][row]["salient_words_right"]
         assert shares["colour"] == pytest.approx(np.mean(right["colour"]))
         assert shares["shape"] == pytest.approx(np.mean(right["shape"]))
-        assert shares["names_a_position"] == pytest.approx(len(right["position"]) / TINY.test_scenes)
-        assert shares["position"] == (pytest.approx(np.mean(right["position"])) if right["position"] else None)
+        for word in ("position", "background"):
+            assert shares[f"names_a_{word}"] == pytest.approx(len(right[word]) / TINY.test_scenes)
+            assert shares[word] == (pytest.approx(np.mean(right[word])) if right[word] else None)
 
 
 def test_each_effect_is_the_mean_per_image_cider_difference_inside_its_interval(written, pycocoevalcap_scores):
@@ -168,30 +172,35 @@ def test_caption_to_image_recall_is_the_demo_clips_own_ranking(written):
 
 def copy_rates_by_hand(lm, tokenizer, scenes):
     """The LM's in-context copy rates over (scene, captions) pairs, from strings: after a scene's first caption, BOS
-    and "a large", its likeliest colour; after "a large <the salient colour>", its likeliest shape; and after
-    "a <colour> <shape> in the <position>", BOS and "a <colour> <shape> in the", its likeliest position by the
-    whole sequence's log-likelihood (its context is the same for every position)."""
+    and "a large", its likeliest colour; after "a large <the salient colour>", its likeliest shape; after
+    "a <colour> <shape> in the <position>", BOS and "a <colour> <shape> in the", its likeliest position; and after
+    "a <colour> <shape> in the <position> on <background> ground", BOS and "... on", its likeliest
+    background; the last two by the whole sequence's log-likelihood (its context is the same for every option)."""
     def likeliest(context, words):
         with torch.no_grad():
             logits = lm(input_ids=torch.tensor([tokenizer(context)["input_ids"]])).logits[0, -1]
         return max(words, key=lambda word: logits[tokenizer(" " + word)["input_ids"][0]])
 
-    colour_right = shape_right = position_right = 0
+    def likeliest_ending(told, prompt, options):
+        def loglik(option):
+            ids = torch.tensor([tokenizer(f"<|endoftext|>{told}<|endoftext|>{prompt} {option}")["input_ids"]])
+            with torch.no_grad():
+                return -lm(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        return max(options, key=loglik)
+
+    right = {"colour": 0, "shape": 0, "position": 0, "background": 0}
     for scene, captions in scenes:
         salient = scene.salient
         context = f"<|endoftext|>{captions[0]}<|endoftext|>a large"
-        colour_right += likeliest(context, world.COLOURS) == salient.colour
-        shape_right += likeliest(f"{context} {salient.colour}", world.SHAPES) == salient.shape
+        right["colour"] += likeliest(context, world.COLOURS) == salient.colour
+        right["shape"] += likeliest(f"{context} {salient.colour}", world.SHAPES) == salient.shape
         phrase = f"a {salient.colour} {salient.shape} in the"
-
-        def loglik(place):
-            ids = torch.tensor([tokenizer(f"<|endoftext|>{phrase} {salient.position}<|endoftext|>{phrase} {place}")
-                                ["input_ids"]])
-            with torch.no_grad():
-                return -lm(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
-
-        position_right += max(world.POSITIONS, key=loglik) == salient.position
-    return colour_right / len(scenes), shape_right / len(scenes), position_right / len(scenes)
+        right["position"] += likeliest_ending(f"{phrase} {salient.position}", phrase,
+                                              world.POSITIONS) == salient.position
+        phrase = f"a {salient.colour} {salient.shape} in the {salient.position} on"
+        right["background"] += likeliest_ending(f"{phrase} {scene.background} ground", phrase,
+                                                world.BACKGROUNDS) == scene.background
+    return {word: count / len(scenes) for word, count in right.items()}
 
 
 def test_the_floor_is_the_lms_own_caption_and_the_control_moves_every_caption_to_another_image(written):
@@ -204,10 +213,11 @@ def test_the_floor_is_the_lms_own_caption_and_the_control_moves_every_caption_to
     own = tokenizer.decode(ids[0, 1:], skip_special_tokens=True).strip()
     assert set(predictions["floor: LM without prefix"].values()) == {own.split("\n")[0].strip()}
     test = [(world.sample_scene(TINY.seed, "test", i), data["references"][str(i)]) for i in range(TINY.test_scenes)]
-    colour, shape, position = copy_rates_by_hand(lm, tokenizer, test)
-    assert results["diagnostics"]["lm_copies_salient_colour"] == colour
-    assert results["diagnostics"]["lm_copies_salient_shape"] == shape
-    assert results["diagnostics"]["lm_copies_salient_position"] == position
+    rates = copy_rates_by_hand(lm, tokenizer, test)
+    assert results["diagnostics"]["lm_copies_salient_colour"] == rates["colour"]
+    assert results["diagnostics"]["lm_copies_salient_shape"] == rates["shape"]
+    assert results["diagnostics"]["lm_copies_salient_position"] == rates["position"]
+    assert results["diagnostics"]["lm_copies_background"] == rates["background"]
     assert results["diagnostics"]["lm_pretraining_probes"] == json.loads(
         (folder / "work" / "lm" / "pretraining_probes.json").read_text())
     full, shuffled = predictions["full method"], predictions["control: shuffled images"]
@@ -223,9 +233,9 @@ def test_results_markdown_plots_and_contact_sheet_show_every_setting(written):
         cider = results["rows"][row]["CIDEr"]
         assert f"| {row} | {cider['value']:.3f} [{cider['low']:.3f}, {cider['high']:.3f}] |" in markdown
         words = results["rows"][row]["salient_words_right"]
-        position = "-" if words["position"] is None else f"{words['position']:.0%}"
-        assert (f"| {words['colour']:.0%} / {words['shape']:.0%} / {position} ({words['names_a_position']:.0%}) |"
-                in markdown.split(f"| {row} |")[1].splitlines()[0])
+        position, background = ("-" if words[w] is None else f"{words[w]:.0%}" for w in ("position", "background"))
+        assert (f"| {words['colour']:.0%} / {words['shape']:.0%} / {position} ({words['names_a_position']:.0%}) / "
+                f"{background} ({words['names_a_background']:.0%}) |" in markdown.split(f"| {row} |")[1].splitlines()[0])
     assert all(finding in markdown for finding in results["findings"])
     for plot in ("ablations.png", "modality_gap.png"):
         assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -277,10 +287,10 @@ def test_lm_pretraining_goes_on_in_rounds_while_a_probe_copy_rate_is_below_the_t
     probes, weights, folder = pretrain("all", lm_copy_target=1.01)
     assert [p["steps"] for p in probes] == [2, 3, 4]
     lm, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    assert [probes[-1][w] for w in ("colour", "shape", "position")] == list(copy_rates_by_hand(lm, tokenizer,
-                                                                                               probe_scenes))
+    assert {w: probes[-1][w] for w in ("colour", "shape", "position", "background")} == copy_rates_by_hand(
+        lm, tokenizer, probe_scenes)
     # A target the first probe reaches (its lowest rate) ends pretraining there: the LM of lm_steps alone.
-    lowest = min(probes[0][w] for w in ("colour", "shape", "position"))
+    lowest = min(probes[0][w] for w in ("colour", "shape", "position", "background"))
     first, first_weights, _ = pretrain("first", lm_copy_target=lowest)
     assert first == probes[:1]
     _, no_rounds, _ = pretrain("no_rounds", lm_copy_target=1.01, lm_max_rounds=0)
@@ -338,7 +348,8 @@ def _results(effects, distinct=300, n=500, cider=None, probes=None):
 
     rows = {row: {"CIDEr": est((cider or {}).get(row, 0.5)), "BLEU-4": 0.2, "distinct_captions": distinct,
                   "caption_to_image_R@1": est(0.1),
-                  "salient_words_right": {"colour": 0.5, "shape": 0.8, "position": 0.9, "names_a_position": 0.7}}
+                  "salient_words_right": {"colour": 0.5, "shape": 0.8, "position": 0.9, "names_a_position": 0.7,
+                                          "background": 0.4, "names_a_background": 0.6}}
             for row in ROW_NAMES}
     return {
         "settings": {"test_scenes": n, "seed": 0, "captions_per_scene": 5, "bootstrap_samples": 100,
@@ -350,12 +361,13 @@ def _results(effects, distinct=300, n=500, cider=None, probes=None):
                         "lm_copies_salient_colour": 0.95, "chance_colour": 1 / 6,
                         "lm_copies_salient_shape": 0.9, "chance_shape": 1 / 3,
                         "lm_copies_salient_position": 0.3, "clip_names_salient_position": 0.6, "chance_position": 0.25,
+                        "lm_copies_background": 0.85, "chance_background": 0.25,
                         "loss_image_prefix_upper_bound": 0.5, "train_noise_variance": 0.016,
                         "cos_image_paired_captions": 0.3, "cos_caption_noisy_copy": 0.7,
                         "gap_centroid_distance": 0.8, "gap_centroid_distance_noisy": 0.6,
                         "cos_subregion_features_paired_captions": 0.1, "clip_image_to_caption_R@1": 0.2,
                         "lm_pretraining_probes": probes or [{"steps": 600, "loss": 0.3, "colour": 1.0, "shape": 0.95,
-                                                             "position": 0.92}]},
+                                                             "position": 0.92, "background": 0.97}]},
     }
 
 
@@ -363,8 +375,9 @@ def test_each_finding_says_whether_its_component_helps_by_its_interval_and_quote
     helps = report.findings(_results({}))
     assert "0.900 nats" in helps[0] and "0.400" in helps[0] and "0.500 lower" in helps[0]
     assert "95% of the time (chance 17%)" in helps[0] and "30% of the time (chance 25%)" in helps[0]
-    assert ("It was pretrained for 600 steps, after which it copied the salient colour / shape / position of the "
-            "probe scenes (never trained on) 100% / 95% / 92% of the time.") in helps[0]
+    assert "given its background, that background 85% of the time (chance 25%)" in helps[0]
+    assert ("It was pretrained for 600 steps, after which it copied the salient colour / shape / position / "
+            "background of the probe scenes (never trained on) 100% / 95% / 92% / 97% of the time.") in helps[0]
     assert helps[1].startswith("Captions are image-specific: the full method writes 300 distinct captions")
     assert "0.600 [0.580, 0.620]" not in helps[2] and "0.60 [0.58, 0.62]" in helps[2]
     assert [f.split(":")[0] for f in helps[3:6]] == ["Noise injection helps", "Subregion aggregation helps",
@@ -380,13 +393,13 @@ def test_each_finding_says_whether_its_component_helps_by_its_interval_and_quote
                                      cider={"no training noise": 0.7, "upper bound: image features": 0.6}))[2]
     assert "scores 0.700, not clearly below the upper bound (-0.100 [-0.120, -0.080])" in above
     assert "closes" not in above and "(not clearly above it)" not in above
-    rounds = [{"steps": 600, "loss": 0.4, "colour": 1.0, "shape": 1.0, "position": 0.45},
-              {"steps": 800, "loss": 0.35, "colour": 1.0, "shape": 0.5, "position": 1.0},
-              {"steps": 1000, "loss": 0.3, "colour": 1.0, "shape": 0.85, "position": 1.0}]
-    assert ("pretrained for 1000 steps, after which it copied the salient colour / shape / position of the probe "
-            "scenes (never trained on) 100% / 85% / 100% of the time; after the first 600 it copied 100% / 100% / 45%, "
-            "below the 90% that ends pretraining, so it trained 2 more round(s), still below 90% when the rounds ran "
-            "out.") in report.findings(_results({}, probes=rounds))[0]
+    rounds = [{"steps": 600, "loss": 0.4, "colour": 1.0, "shape": 1.0, "position": 0.45, "background": 0.3},
+              {"steps": 800, "loss": 0.35, "colour": 1.0, "shape": 0.5, "position": 1.0, "background": 0.9},
+              {"steps": 1000, "loss": 0.3, "colour": 1.0, "shape": 0.85, "position": 1.0, "background": 1.0}]
+    assert ("pretrained for 1000 steps, after which it copied the salient colour / shape / position / background of "
+            "the probe scenes (never trained on) 100% / 85% / 100% / 100% of the time; after the first 600 it copied "
+            "100% / 100% / 45% / 30%, below the 90% that ends pretraining, so it trained 2 more round(s), still below "
+            "90% when the rounds ran out.") in report.findings(_results({}, probes=rounds))[0]
     mixed = report.findings(_results({"noise injection": -0.1, "subregion aggregation": 0.01}, distinct=50))
     assert mixed[1].startswith("Captions are not clearly image-specific here: 50 distinct captions")
     assert mixed[1].endswith("this CLIP tells from the image 60% of the time and the LM carries from its context 30% "
@@ -534,6 +547,7 @@ def test_across_seeds_puts_each_seeds_estimates_beside_their_mean_and_range(tmp_
     assert lines["full method: salient position right"].endswith("| 0.90 | n/a | 0.60 | 0.75 [0.60, 0.90] |")
     assert list(lines)[1:] == (["full method: distinct captions", "full method: CIDEr", "full method: caption_to_image_R@1"]
                                + [f"full method: salient {word} right" for word in ("colour", "shape", "position")]
+                               + ["full method: background right"]
                                + [f"effect: {name}" for name, *_ in EFFECTS] + list(runs[0]["gap_closed"]))
     # A folder without a run's results is named in one error.
     assert main(["demo", "--output-dir", str(tmp_path / "x"), "--across-seeds", dirs[0], str(tmp_path / "nothing")]) == 2

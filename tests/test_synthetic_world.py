@@ -11,7 +11,7 @@ from modeling_maccap.tools.tiny import tiny_clip_tokenizer, tiny_lm_tokenizer
 # The caption grammar, written independently of the generator: "a [size] colour shape [in the position]".
 MENTION = re.compile(r"a (?:(small|large) )?(\w+) (circle|square|triangle|diamond)(?: in the (top left|top right|"
                      r"bottom left|bottom right))?")
-BACKGROUND = re.compile(r" on a (\w+) background$")
+BACKGROUND = re.compile(r" on (\w+) ground$")
 QUADRANTS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 
 
@@ -119,22 +119,27 @@ def test_the_demo_tokenizers_read_every_word_of_the_world_as_one_token(scenes):
     assert clip.model_max_length == 32
 
 
-def test_a_caption_is_read_for_the_salient_objects_colour_shape_and_position_from_its_first_mention():
+def test_a_caption_is_read_for_the_salient_colour_shape_position_and_the_background_from_its_first_mention():
     salient = world.SceneObject(shape="circle", colour="red", size="large", position="top left")
     other = world.SceneObject(shape="square", colour="blue", size="small", position="bottom right")
     scene = world.Scene(objects=(salient, other), background="dark", seed=0)
     named = world.salient_words_named
-    assert named("a large red circle in the top left on a dark background", scene) == {
-        "colour": True, "shape": True, "position": True}
-    # The first colour and shape decide, not a later object's; a caption without a position names none.
-    assert named("a blue circle and a small red square", scene) == {"colour": False, "shape": True, "position": None}
+    assert named("a large red circle in the top left on dark ground", scene) == {
+        "colour": True, "shape": True, "position": True, "background": True}
+    assert named("a large red circle on striped ground", scene) == {
+        "colour": True, "shape": True, "position": None, "background": False}
+    # The first colour and shape decide, not a later object's; a caption without a position or background names none.
+    assert named("a blue circle and a small red square", scene) == {"colour": False, "shape": True, "position": None,
+                                                                     "background": None}
     assert named("a red square in the bottom right and a small red circle", scene) == {
-        "colour": True, "shape": False, "position": False}
+        "colour": True, "shape": False, "position": False, "background": None}
     # A generated caption may break the grammar: words outside a position phrase do not count as one.
-    assert named("top a red left circle", scene) == {"colour": True, "shape": True, "position": None}
-    assert named("", scene) == {"colour": False, "shape": False, "position": None}
+    assert named("top a red left circle", scene) == {"colour": True, "shape": True, "position": None,
+                                                     "background": None}
+    assert named("", scene) == {"colour": False, "shape": False, "position": None, "background": None}
     # Every reference caption of a scene names its salient object rightly.
     for scene, captions in world.sample_part(seed=0, part="test", count=20, captions_per_scene=5):
         for caption in captions:
             words = named(caption, scene)
             assert words["colour"] and words["shape"] and words["position"] in (True, None)
+            assert words["background"] in (True, None)

@@ -169,10 +169,10 @@ def lm_folder(settings, scenes, folder, log):
         round_steps = settings.lm_steps if first else settings.lm_round_steps
         loss = pretrain(round_steps, settings.lm_learning_rate if first else settings.lm_round_learning_rate)
         steps += round_steps
-        rates = dict(zip(("colour", "shape", "position"), lm_copy_rates(model, tokenizer, probe_scenes)))
+        rates = lm_copy_rates(model, tokenizer, probe_scenes)
         probes.append({"steps": steps, "loss": loss, **rates})
-        log(f"  LM step {steps}: loss {loss:.3f}; copies the salient colour / shape / position of "
-            f"{len(probe_scenes)} probe scenes {rates['colour']:.0%} / {rates['shape']:.0%} / {rates['position']:.0%}")
+        log(f"  LM step {steps}: loss {loss:.3f}; copies the salient {' / '.join(COPIED_WORDS)} of "
+            f"{len(probe_scenes)} probe scenes " + " / ".join(f"{rates[w]:.0%}" for w in COPIED_WORDS))
         if min(rates.values()) >= settings.lm_copy_target:
             break
     model.save_pretrained(folder)
@@ -181,36 +181,49 @@ def lm_folder(settings, scenes, folder, log):
     return str(folder)
 
 
+COPIED_WORDS = ("colour", "shape", "position", "background")  # what the LM's pretraining probe asks it to copy
+
+
 def lm_copy_rates(lm, tokenizer, scenes):
-    """The LM's in-context use, which is what lets a prefix steer it, as three rates over (scene, captions) pairs.
-    Colour: given the scene's first caption as context, then BOS and "a large", how often the LM's likeliest colour
-    is the salient object's; shape: the same context, then "a large <that colour>", how often its likeliest shape
-    is the salient object's. Position: given "a <colour> <shape> in the <position>" of the salient object, then BOS
-    and "a <colour> <shape> in the", how often its likeliest of the four positions (by the summed log-probability
-    of the position's words) is that position."""
+    """The LM's in-context use, which is what lets a prefix steer it, as a rate per word of `COPIED_WORDS` over
+    (scene, captions) pairs. Colour: given the scene's first caption as context, then BOS and "a large", how often
+    the LM's likeliest colour is the salient object's; shape: the same context, then "a large <that colour>", how
+    often its likeliest shape is the salient object's. Position: given "a <colour> <shape> in the <position>" of the
+    salient object, then BOS and "a <colour> <shape> in the", how often its likeliest of the four positions (by the
+    summed log-probability of the position's words) is that position. Background: the same with "... in the
+    <position> on <background> ground", then "... in the <position> on" and the four backgrounds."""
     import torch
 
     bos = lm.config.bos_token_id
-    colours, positions = list(world.COLOURS), list(world.POSITIONS)
+    colours = list(world.COLOURS)
     colour_ids = [tokenizer(" " + colour)["input_ids"][0] for colour in colours]
     shape_ids = [tokenizer(" " + shape)["input_ids"][0] for shape in world.SHAPES]
-    position_ids = [tokenizer(" " + position)["input_ids"] for position in positions]
-    colour_right = shape_right = position_right = 0
+
+    def likeliest(context, options):
+        """The option whose words are likeliest after `context` (every option the same number of tokens)."""
+        option_ids = [tokenizer(" " + option)["input_ids"] for option in options]
+        rows = torch.tensor([context + ids for ids in option_ids])
+        logprobs = lm(input_ids=rows).logits.log_softmax(-1)[:, len(context) - 1:-1]
+        return options[int(logprobs.gather(-1, rows[:, len(context):, None]).sum((1, 2)).argmax())]
+
+    def ids(text):
+        return tokenizer(text)["input_ids"]
+
+    right = dict.fromkeys(COPIED_WORDS, 0)
     with torch.no_grad():
         for scene, captions in scenes:
             s = scene.salient
-            context = ([bos] + tokenizer(captions[0])["input_ids"] + [bos] + tokenizer("a large")["input_ids"]
-                       + tokenizer(" " + s.colour)["input_ids"])
+            context = [bos] + ids(captions[0]) + [bos] + ids("a large") + ids(" " + s.colour)
             logits = lm(input_ids=torch.tensor([context])).logits[0]  # causal: [-2] sees "a large", [-1] the colour
-            colour_right += colours[int(logits[-2, colour_ids].argmax())] == s.colour
-            shape_right += world.SHAPES[int(logits[-1, shape_ids].argmax())] == s.shape
-            context = ([bos] + tokenizer(f"{s.phrase(False)} in the {s.position}")["input_ids"] + [bos]
-                       + tokenizer(f"{s.phrase(False)} in the")["input_ids"])
-            rows = torch.tensor([context + ids for ids in position_ids])  # every position is two words
-            logprobs = lm(input_ids=rows).logits.log_softmax(-1)[:, len(context) - 1:-1]
-            scores = logprobs.gather(-1, rows[:, len(context):, None]).sum((1, 2))
-            position_right += positions[int(scores.argmax())] == s.position
-    return colour_right / len(scenes), shape_right / len(scenes), position_right / len(scenes)
+            right["colour"] += colours[int(logits[-2, colour_ids].argmax())] == s.colour
+            right["shape"] += world.SHAPES[int(logits[-1, shape_ids].argmax())] == s.shape
+            where = f"{s.phrase(False)} in the"
+            context = [bos] + ids(f"{where} {s.position}") + [bos] + ids(where)
+            right["position"] += likeliest(context, list(world.POSITIONS)) == s.position
+            where = f"{s.phrase(False)} in the {s.position} on"
+            context = [bos] + ids(f"{where} {scene.background} ground") + [bos] + ids(where)
+            right["background"] += likeliest(context, list(world.BACKGROUNDS)) == scene.background
+    return {word: count / len(scenes) for word, count in right.items()}
 
 
 # ---------------------------------------------------------------------------------------------- projectors

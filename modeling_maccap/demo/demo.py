@@ -165,13 +165,16 @@ def _caption_to_image_hits(model, captions, image_embeds):
 
 def _salient_words_right(captions, test):
     """Of captions given in the held-out order, the shares that name their image's salient colour, shape and
-    position rightly (the position among those naming one; None if none does), and the share naming a position."""
+    position and its background rightly (the position and the background among those naming one; None if none
+    does), and the shares naming a position and a background."""
     named = [world.salient_words_named(caption, scene) for caption, (scene, _) in zip(captions, test)]
-    positions = [n["position"] for n in named if n["position"] is not None]
-    return {"colour": float(np.mean([n["colour"] for n in named])),
-            "shape": float(np.mean([n["shape"] for n in named])),
-            "position": float(np.mean(positions)) if positions else None,
-            "names_a_position": len(positions) / len(named)}
+    out = {"colour": float(np.mean([n["colour"] for n in named])),
+           "shape": float(np.mean([n["shape"] for n in named]))}
+    for word in ("position", "background"):
+        said = [n[word] for n in named if n[word] is not None]
+        out[word] = float(np.mean(said)) if said else None
+        out[f"names_a_{word}"] = len(said) / len(named)
+    return out
 
 
 def _clip_names_salient_position(model, test, image_embeds):
@@ -227,18 +230,19 @@ def _diagnostics(models, test, pixel_values, sub):
     image_embeds = sub.image_embeds.numpy()
     cos_gap = (sub.image_embeds.unsqueeze(1) * text).sum(-1).mean().item()
     dim = text.shape[-1]
-    copies_colour, copies_shape, copies_position = components.lm_copy_rates(model.language_model,
-                                                                            processor.tokenizer, test)
+    copies = components.lm_copy_rates(model.language_model, processor.tokenizer, test)
     diagnostics = {
         "train_noise_variance": model.config.train_noise_variance,
         **losses,
-        "lm_copies_salient_colour": copies_colour,
+        "lm_copies_salient_colour": copies["colour"],
         "chance_colour": 1 / len(world.COLOURS),
-        "lm_copies_salient_shape": copies_shape,
+        "lm_copies_salient_shape": copies["shape"],
         "chance_shape": 1 / len(world.SHAPES),
-        "lm_copies_salient_position": copies_position,
+        "lm_copies_salient_position": copies["position"],
         "clip_names_salient_position": _clip_names_salient_position(model, test, sub.image_embeds),
         "chance_position": 1 / len(world.POSITIONS),
+        "lm_copies_background": copies["background"],
+        "chance_background": 1 / len(world.BACKGROUNDS),
         "clip_image_to_caption_R@1": recall,
         "cos_image_paired_captions": cos_gap,
         "cos_captions_of_one_image": torch.einsum("bcd,bed->bce", text, text).mean().item(),

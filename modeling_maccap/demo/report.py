@@ -8,6 +8,9 @@ import warnings
 
 import numpy as np
 
+from .components import COPIED_WORDS
+
+
 # Statistics of per-image arrays, each taking `axis` as scipy's bootstrap calls it (the last axis holds images).
 def mean(values, axis=-1):
     return np.mean(values, axis=axis)
@@ -59,15 +62,15 @@ def _ci(estimate, digits=3):
 def _pretraining(probes, target):
     """The LM's pretraining probes in words: how long it trained and what it copied on the probe scenes."""
     def rates(probe):
-        return f"{probe['colour']:.0%} / {probe['shape']:.0%} / {probe['position']:.0%}"
+        return " / ".join(f"{probe[word]:.0%}" for word in COPIED_WORDS)
 
     last = probes[-1]
-    text = (f" It was pretrained for {last['steps']} steps, after which it copied the salient colour / shape / "
-            f"position of the probe scenes (never trained on) {rates(last)} of the time")
+    text = (f" It was pretrained for {last['steps']} steps, after which it copied the salient "
+            f"{' / '.join(COPIED_WORDS)} of the probe scenes (never trained on) {rates(last)} of the time")
     if len(probes) > 1:
         text += (f"; after the first {probes[0]['steps']} it copied {rates(probes[0])}, below the {target:.0%} "
                  f"that ends pretraining, so it trained {len(probes) - 1} more round(s)")
-    if min(last[word] for word in ("colour", "shape", "position")) < target:
+    if min(last[word] for word in COPIED_WORDS) < target:
         text += f", still below {target:.0%} when the rounds ran out"
     return text + "."
 
@@ -89,7 +92,9 @@ def findings(results):
         f"{d['lm_copies_salient_colour']:.0%} of the time (chance {d['chance_colour']:.0%}), after that colour its "
         f"shape {d['lm_copies_salient_shape']:.0%} of the time (chance {d['chance_shape']:.0%}), and given the salient "
         f"object's position in one caption, that position in the next {d['lm_copies_salient_position']:.0%} of the "
-        f"time (chance {d['chance_position']:.0%}): in-context use is what a prefix relies on, and what the LM does "
+        f"time (chance {d['chance_position']:.0%}), and given its background, that background "
+        f"{d['lm_copies_background']:.0%} of the time (chance {d['chance_background']:.0%}): in-context use is what "
+        "a prefix relies on, and what the LM does "
         "not carry from its context a prefix is unlikely to make it write."
         + _pretraining(d["lm_pretraining_probes"], results["settings"]["lm_copy_target"])
         + ("" if steer > 0.05 else " The oracle is hardly below the LM alone: this world cannot show much."))
@@ -160,8 +165,11 @@ def findings(results):
 
 
 def _words_right(shares):
-    position = "-" if shares["position"] is None else f"{shares['position']:.0%}"
-    return f"{shares['colour']:.0%} / {shares['shape']:.0%} / {position} ({shares['names_a_position']:.0%})"
+    def named(word):
+        share = "-" if shares[word] is None else f"{shares[word]:.0%}"
+        return f"{share} ({shares[f'names_a_{word}']:.0%})"
+
+    return f"{shares['colour']:.0%} / {shares['shape']:.0%} / {named('position')} / {named('background')}"
 
 
 def results_markdown(results):
@@ -171,15 +179,15 @@ def results_markdown(results):
              f"reference captions each; BLEU-4 and CIDEr from pycocoevalcap ({results['metric_scale']}); "
              f"[low, high] is a 95% bootstrap interval over images ({settings['bootstrap_samples']} resamples).", "",
              "| setting | CIDEr | BLEU-4 | distinct captions | caption->image R@1 | salient colour / shape / position "
-             "right | what changes |",
+             "/ background right | what changes |",
              "|---|---|---|---|---|---|---|"]
     for name, row in results["rows"].items():
         lines.append(f"| {name} | {_ci(row['CIDEr'])} | {row['BLEU-4']:.3f} | {row['distinct_captions']} | "
                      f"{_ci(row['caption_to_image_R@1'])} | {_words_right(row['salient_words_right'])} | "
                      f"{results['descriptions'][name]} |")
     lines += ["", f"Chance R@1: {1 / settings['test_scenes']:.3f}. Salient words: the share of captions naming their "
-              "image's salient colour, shape and position rightly (the position of those naming one; in brackets "
-              "the share naming one).", "",
+              "image's salient colour, shape, position and background rightly (the position and the background of "
+              "those naming one; in brackets the share naming one).", "",
               "| effect (CIDEr difference) | estimate [95% interval] |", "|---|---|"]
     lines += [f"| {name} | {_ci(effect)} |" for name, effect in results["components"].items()]
     lines += [f"| {name} (fraction) | {_ci(value, 2)} |" for name, value in results["gap_closed"].items()]
@@ -216,9 +224,9 @@ def across_seeds(runs):
     for name in ("CIDEr", "caption_to_image_R@1"):
         estimates = [run["rows"]["full method"][name] for run in runs]
         line(f"full method: {name}", [e["value"] for e in estimates], [_ci(e) for e in estimates])
-    for word in ("colour", "shape", "position"):
+    for word in ("colour", "shape", "position", "background"):
         shares = [run["rows"]["full method"]["salient_words_right"][word] for run in runs]
-        line(f"full method: salient {word} right", shares,
+        line(f"full method: {'' if word == 'background' else 'salient '}{word} right", shares,
              ["n/a" if share is None else f"{share:.2f}" for share in shares], 2)
     for name in runs[0]["components"]:
         estimates = [run["components"][name] for run in runs]
