@@ -234,8 +234,9 @@ def test_results_markdown_plots_and_contact_sheet_show_every_setting(written):
         assert f"| {row} | {cider['value']:.3f} [{cider['low']:.3f}, {cider['high']:.3f}] |" in markdown
         words = results["rows"][row]["salient_words_right"]
         position, background = ("-" if words[w] is None else f"{words[w]:.0%}" for w in ("position", "background"))
-        assert (f"| {words['colour']:.0%} / {words['shape']:.0%} / {position} ({words['names_a_position']:.0%}) / "
-                f"{background} ({words['names_a_background']:.0%}) |" in markdown.split(f"| {row} |")[1].splitlines()[0])
+        cell = (f"| {words['colour']:.0%} / {words['shape']:.0%} / {position} ({words['names_a_position']:.0%}) / "
+                f"{background} ({words['names_a_background']:.0%}) |")
+        assert cell in markdown.split(f"| {row} |")[1].splitlines()[0]
     assert all(finding in markdown for finding in results["findings"])
     for plot in ("ablations.png", "modality_gap.png"):
         assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -74,15 +74,16 @@ class DemoSettings:
     # is then trained to continue from (and copy) context about the same scene, which is what a prefix is.
     lm_width: int = 64
     lm_layers: int = 2
-    # Which of the colour, shape and position the LM learns to copy in 600 steps is chaotic: it changes with the seed,
-    # the width, the heads and even the thread count (README, "Why results change with the seed, the CPU and the
-    # thread count"); these settings copy all three on seed 0 at 2 threads, on the AMD and the Intel machine.
+    # Which words the LM learns to copy in 600 steps is chaotic: it changes with the seed, the width, the heads, the
+    # captions' wording and even the thread count (docs/demo/history.md, "Why results changed with the seed, the CPU
+    # and the thread count"). In the earlier world these settings copied the salient colour, shape and position on
+    # seed 0 at 2 threads, on the AMD and the Intel machine; in this one seed 0's LM does not copy the position (AMD).
     lm_heads: int = 4
     lm_steps: int = 600
-    # After lm_steps the LM is probed on lm_probe_scenes scenes it never saw; while it copies one of the salient
-    # words less often than lm_copy_target, it trains lm_round_steps more (a warm restart), at most lm_max_rounds
-    # times (components.lm_folder). Two LMs that had not learned to copy a word at 600 steps (seeds 1 and 2, 1 thread)
-    # learned it in 200 and 600 more.
+    # After lm_steps the LM is probed on lm_probe_scenes scenes it never saw; while it copies one of the words of
+    # components.COPIED_WORDS less often than lm_copy_target, it trains lm_round_steps more (a warm restart), at most
+    # lm_max_rounds times (components.lm_folder). Two LMs that had not learned to copy a word at 600 steps (seeds 1
+    # and 2, 1 thread) learned it in 200 and 600 more.
     lm_copy_target: float = 0.9
     lm_probe_scenes: int = 200
     lm_round_steps: int = 200
