@@ -199,10 +199,11 @@ def lm_copy_rates(lm, tokenizer, scenes):
     colour_ids = [tokenizer(" " + colour)["input_ids"][0] for colour in colours]
     shape_ids = [tokenizer(" " + shape)["input_ids"][0] for shape in world.SHAPES]
 
+    option_ids = {option: tokenizer(" " + option)["input_ids"] for option in (*world.POSITIONS, *world.BACKGROUNDS)}
+
     def likeliest(context, options):
         """The option whose words are likeliest after `context` (every option the same number of tokens)."""
-        option_ids = [tokenizer(" " + option)["input_ids"] for option in options]
-        rows = torch.tensor([context + ids for ids in option_ids])
+        rows = torch.tensor([context + option_ids[option] for option in options])
         logprobs = lm(input_ids=rows).logits.log_softmax(-1)[:, len(context) - 1:-1]
         return options[int(logprobs.gather(-1, rows[:, len(context):, None]).sum((1, 2)).argmax())]
 
